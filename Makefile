@@ -1,0 +1,55 @@
+# The two-command quick start: `make demo` (train + evaluate + figures on the real dataset) and `make test`.
+# Both create .venv when missing, install what is needed once (stamp files), and are quiet when nothing changed.
+#
+# torch: the CPU wheel is pinned and installed before the package, so pip never pulls CUDA packages.
+# A GPU user chooses another build, e.g.:
+#   make demo TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
+# Outside this project's machines, a CPU-only install from PyPI wants:
+#   TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+DEMO_PRESET ?= default
+PIP := $(VENV)/bin/python -m pip --disable-pip-version-check -q
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint dataset clean help
+help:
+	@echo "make demo   - train the default model on Fashion-MNIST, evaluate it, draw its figures (runs/demo)"
+	@echo "make test   - install the dev extra and run the whole test suite"
+	@echo "make lint   - ruff"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(BIN)/python
+	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	@touch $@
+
+$(VENV)/.base: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.base
+	$(PIP) install -e ".[dev,serve,onnx]"
+	@touch $@
+
+# The dataset: found where fmnist looks, else Debian's package when we may install it, else a download.
+dataset: $(VENV)/.base
+	@$(BIN)/python -c "from fmnist.data import locate_data; locate_data(download=False)" 2>/dev/null \
+	  || ./scripts/install-dataset.sh
+
+demo: $(VENV)/.base dataset
+	$(BIN)/fmnist data show --out runs/demo/samples.png
+	$(BIN)/fmnist train --preset $(DEMO_PRESET) --out runs/demo --overwrite
+
+test: $(VENV)/.dev dataset
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

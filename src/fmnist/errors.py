@@ -1,0 +1,41 @@
+"""Exception types shared by every module.
+
+Library code raises these with a one-line message that names the file or value, the problem and the fix;
+the CLI turns any of them into that line on stderr and exit code 2 (bad input), never a traceback.
+"""
+
+
+class FmnistError(Exception):
+    """Base of every error fmnist raises for a user's mistake or bad input."""
+
+
+class DatasetError(FmnistError):
+    """The dataset could not be found, read or trusted."""
+
+
+class DatasetNotFoundError(DatasetError):
+    """No dataset files where we looked."""
+
+
+class DataFormatError(DatasetError):
+    """An IDX/CSV file is malformed: bad magic, dimensions, length, labels or compression."""
+
+
+class ChecksumError(DatasetError):
+    """A file's content does not match its published checksum."""
+
+
+class DownloadError(DatasetError):
+    """Downloading the dataset failed after all retries."""
+
+
+class ModelFileError(FmnistError):
+    """A model file is missing, truncated, not a model, or from another architecture."""
+
+
+class ConfigError(FmnistError):
+    """A preset, flag or configuration value is invalid."""
+
+
+class ImageError(FmnistError):
+    """An input image could not be read or is unusable."""

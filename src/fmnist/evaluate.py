@@ -1,0 +1,92 @@
+"""Loss, accuracy, per-class precision/recall/F1, confusion matrix and the most-confused pairs.
+
+Metrics come from scikit-learn (a trusted implementation) over probabilities computed here in batches,
+in eval mode under `torch.inference_mode()`. Flip test-time augmentation averages the probabilities of each
+image and its mirror image (valid for clothing, which is left-right symmetric in the dataset's sense).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmnist.data import CLASS_NAMES
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000, tta: bool = False) -> torch.Tensor:
+    """Logits (or, with `tta`, log of the flip-averaged probabilities) for a prepared input tensor."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    channels_last = _is_channels_last(model)
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            batch = x[start:start + batch_size]
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            logits = model(batch).float()
+            if tta:
+                mirrored = model(batch.flip(-1)).float()
+                logits = torch.log((F.softmax(logits, 1) + F.softmax(mirrored, 1)) / 2)
+            outputs.append(logits)
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0, 10)
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    for parameter in model.parameters():
+        if parameter.dim() == 4:
+            return parameter.is_contiguous(memory_format=torch.channels_last) and not parameter.is_contiguous()
+    return False
+
+
+def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+                      tta: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on a prepared tensor set."""
+    logits = predict_logits(model, x, batch_size, tta)
+    loss = F.nll_loss(logits, y).item() if tta else F.cross_entropy(logits, y).item()
+    return loss, (logits.argmax(1) == y).float().mean().item()
+
+
+def most_confused_pairs(matrix: np.ndarray, top: int = 5, class_names: Sequence[str] = CLASS_NAMES) -> list[dict]:
+    """The off-diagonal cells with the most images: which true class is most often taken for which."""
+    off_diagonal = np.array(matrix, dtype=np.int64)
+    np.fill_diagonal(off_diagonal, 0)
+    order = np.argsort(-off_diagonal, axis=None)[:top]
+    pairs = []
+    for flat in order:
+        true, predicted = divmod(int(flat), off_diagonal.shape[1])
+        if off_diagonal[true, predicted] == 0:
+            break
+        pairs.append({"true": class_names[true], "predicted": class_names[predicted],
+                      "count": int(off_diagonal[true, predicted])})
+    return pairs
+
+
+def classification_report(probabilities: np.ndarray, labels: np.ndarray,
+                          class_names: Sequence[str] = CLASS_NAMES) -> dict[str, Any]:
+    """Accuracy, loss, per-class precision/recall/F1/support, confusion matrix and most-confused pairs."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
+
+    labels = np.asarray(labels).astype(np.int64)
+    predicted = probabilities.argmax(axis=1)
+    classes = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=classes,
+                                                                     zero_division=0)
+    matrix = confusion_matrix(labels, predicted, labels=classes)
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "loss": float(log_loss(labels, np.clip(probabilities, 1e-12, 1.0), labels=classes)),
+        "per_class": [
+            {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
+        ],
+        "macro_f1": float(np.mean(f1)),
+        "confusion_matrix": matrix.tolist(),
+        "most_confused": most_confused_pairs(matrix, class_names=class_names),
+    }

@@ -1,0 +1,165 @@
+"""Every figure fmnist draws. Each function takes plain data, returns a matplotlib Figure, and never trains.
+
+Headless: the `Agg` backend is selected on import so figures render on servers and in CI.
+`save_figure` writes atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from fmnist.data import CLASS_NAMES  # noqa: E402
+
+RIGHT = "#1a9641"
+WRONG = "#d7191c"
+
+
+def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a figure as PNG atomically and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False)
+    handle.close()
+    try:
+        figure.savefig(handle.name, dpi=dpi, bbox_inches="tight", facecolor="white")
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
+    return path
+
+
+def _show_image(axis, image: np.ndarray) -> None:
+    axis.imshow(image, cmap="gray_r", vmin=0, vmax=255 if image.dtype == np.uint8 else None)
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10, seed: int = 0,
+                class_names: Sequence[str] = CLASS_NAMES) -> Figure:
+    """One row per class with `per_class` random examples, labelled on the left."""
+    rng = np.random.default_rng(seed)
+    rows = len(class_names)
+    figure, axes = plt.subplots(rows, per_class, figsize=(per_class * 0.9 + 1.4, rows * 0.95), squeeze=False)
+    for row, name in enumerate(class_names):
+        members = np.flatnonzero(labels == row)
+        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False) if len(members) else []
+        for column in range(per_class):
+            axis = axes[row, column]
+            if column < len(chosen):
+                _show_image(axis, images[chosen[column]])
+            else:
+                axis.axis("off")
+        axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
+    figure.subplots_adjust(wspace=0.05, hspace=0.05, top=0.95)
+    figure.suptitle("Fashion-MNIST: random examples per class", fontsize=12, y=0.975)
+    return figure
+
+
+def training_curves(history: Sequence[Mapping[str, float]]) -> Figure:
+    """Loss and accuracy per epoch, train and (when present) validation."""
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, metric, title in ((loss_axis, "loss", "Loss"), (accuracy_axis, "accuracy", "Accuracy")):
+        axis.plot(epochs, [row[metric] for row in history], "o-", label="train", color="#2c7bb6")
+        if any(row.get(f"val_{metric}") is not None for row in history):
+            values = [row.get(f"val_{metric}") for row in history]
+            axis.plot(epochs, [np.nan if v is None else v for v in values], "s-", label="validation", color="#fdae61")
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return figure
+
+
+def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str] = CLASS_NAMES, normalize: bool = True) -> Figure:
+    """Heatmap of a confusion matrix (rows: true class, columns: predicted), with counts in the cells."""
+    counts = np.asarray(matrix)
+    shown = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalize else counts
+    figure, axis = plt.subplots(figsize=(8.5, 7.5))
+    image = axis.imshow(shown, cmap="Blues", vmin=0)
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
+    ticks = np.arange(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    threshold = shown.max() / 2 if shown.size else 0
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            axis.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
+                      color="white" if shown[i, j] > threshold else "black")
+    axis.set_title(f"Confusion matrix (accuracy {np.trace(counts) / max(counts.sum(), 1):.2%})")
+    return figure
+
+
+def prediction_grid(images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray, columns: int = 6,
+                    class_names: Sequence[str] = CLASS_NAMES) -> Figure:
+    """Each image captioned with predicted class, its probability and the true class: green right, red wrong."""
+    count = len(images)
+    rows = max(1, int(np.ceil(count / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.3), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        if index >= count:
+            axis.axis("off")
+            continue
+        _show_image(axis, images[index])
+        predicted = int(np.argmax(probabilities[index]))
+        color = RIGHT if predicted == int(labels[index]) else WRONG
+        axis.set_xlabel(f"{class_names[predicted]} {probabilities[index][predicted]:.0%}\n"
+                        f"({class_names[int(labels[index])]})", color=color, fontsize=9)
+        for spine in axis.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(2)
+    figure.suptitle("Predictions: predicted class, probability (true class)", fontsize=12)
+    figure.tight_layout()
+    return figure
+
+
+def image_with_probabilities(image: np.ndarray, probabilities: np.ndarray, label: int | None = None,
+                             class_names: Sequence[str] = CLASS_NAMES) -> Figure:
+    """An image beside a bar chart of its 10 class probabilities (predicted bar red/green against the truth)."""
+    figure, (image_axis, bar_axis) = plt.subplots(1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    _show_image(image_axis, image)
+    predicted = int(np.argmax(probabilities))
+    colors = ["#999999"] * len(class_names)
+    if label is not None:
+        colors[int(label)] = RIGHT
+        if predicted != int(label):
+            colors[predicted] = WRONG
+    else:
+        colors[predicted] = "#2c7bb6"
+    bar_axis.barh(range(len(class_names)), probabilities, color=colors)
+    bar_axis.set_yticks(range(len(class_names)), class_names)
+    bar_axis.invert_yaxis()
+    bar_axis.set_xlim(0, 1)
+    bar_axis.set_xlabel("probability")
+    title = f"{class_names[predicted]} {probabilities[predicted]:.1%}"
+    if label is not None:
+        title += f" (true: {class_names[int(label)]})"
+    image_axis.set_title(title, color=RIGHT if label is None or predicted == int(label) else WRONG, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def confident_mistakes(images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray, count: int = 12,
+                       class_names: Sequence[str] = CLASS_NAMES) -> Figure:
+    """The `count` wrong predictions the model was most sure of."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    order = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:count]
+    figure = prediction_grid(images[order], probabilities[order], labels[order], columns=6, class_names=class_names)
+    figure.suptitle(f"The {len(order)} most confident mistakes (of {len(wrong)})", fontsize=12)
+    return figure
