@@ -41,7 +41,13 @@ dataset: $(VENV)/.base
 	@$(BIN)/python -c "from fmnist.data import locate_data; locate_data(download=False)" 2>/dev/null \
 	  || ./scripts/install-dataset.sh
 
-demo: $(VENV)/.base dataset
+# Trains only when runs/demo has no model yet (or the install changed); `rm -r runs/demo` to retrain.
+demo: runs/demo/model.json
+	$(BIN)/fmnist evaluate runs/demo
+	$(BIN)/fmnist plot runs/demo
+	@echo "figures: runs/demo/plots/*.png, runs/demo/samples.png"
+
+runs/demo/model.json: $(VENV)/.base | dataset
 	$(BIN)/fmnist data show --out runs/demo/samples.png
 	$(BIN)/fmnist train --preset $(DEMO_PRESET) --out runs/demo --overwrite
 

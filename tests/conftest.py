@@ -116,7 +116,7 @@ def real_data_source() -> data.DataSource:
     try:
         return data.locate_data(download=False)
     except DatasetNotFoundError as error:
-        pytest.skip(f"real Fashion-MNIST not installed ({error}); run `make dataset`")
+        pytest.fail(f"real Fashion-MNIST not installed ({error}); run `make dataset`")
 
 
 @pytest.fixture

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from fmnist.errors import FmnistError
+from fmnist.errors import ConfigError, FmnistError
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -75,6 +77,265 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- train
+_OVERRIDES = {  # flag -> (TrainConfig field, type, help)
+    "--epochs": ("epochs", int, "number of epochs"),
+    "--batch-size": ("batch_size", int, "images per optimiser step"),
+    "--lr": ("lr", float, "peak learning rate"),
+    "--optimizer": ("optimizer", str, "adam, adamw or sgd"),
+    "--momentum": ("momentum", float, "SGD momentum"),
+    "--weight-decay": ("weight_decay", float, "L2 weight decay (not on biases / batch norm)"),
+    "--schedule": ("schedule", str, "constant, cosine or onecycle"),
+    "--warmup": ("warmup", float, "fraction of steps spent warming up"),
+    "--hidden": ("hidden", "ints", "MLP hidden sizes, e.g. 300,100"),
+    "--widths": ("widths", "ints", "ConvNet stage widths, e.g. 32,64,128"),
+    "--depth": ("depth", int, "ConvNet blocks per stage"),
+    "--dropout": ("dropout", float, "dropout before the last layer(s)"),
+    "--validation": ("validation", int, "training images held out for validation (0 = none)"),
+    "--label-smoothing": ("label_smoothing", float, "label smoothing of the loss"),
+    "--translate": ("translate", int, "random shifts by up to N pixels"),
+    "--erase": ("erase", float, "random erasing square, as a fraction of the side"),
+    "--stop-at": ("stop_at", float, "stop as soon as the monitored metric reaches this value"),
+    "--patience": ("patience", int, "stop after N epochs without improvement, restoring the best weights"),
+    "--monitor": ("monitor", str, "accuracy, loss, val_accuracy or val_loss"),
+    "--precision": ("precision", str, "fp32 or bf16 (CPU autocast)"),
+    "--threads": ("threads", int, "torch threads"),
+    "--seed": ("seed", int, "random seed: same seed, same machine, same weights"),
+    "--train-subset": ("train_subset", int, "train on the first N images only"),
+}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 300,100, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 300,100, got {text!r}")
+    return values
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    values = {}
+    if args.config:
+        try:
+            values.update(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{args.config}: cannot read the config file ({error}); give a JSON object") from None
+    for flag, (name, _, _) in _OVERRIDES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            values[name] = value
+    for name in ("flip", "tta", "nesterov", "channels_last"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.track_test:
+        values["track_test"] = True
+    if args.dry_run:
+        values.update(train_subset=512, test_subset=512, epochs=1)
+        if "validation" in values or "validation" in _preset_values(args.preset):
+            values["validation"] = 128
+    return values
+
+
+def _preset_values(name: str) -> dict:
+    from fmnist.train import PRESETS
+
+    return PRESETS.get(name, {})
+
+
+def _list_presets() -> int:
+    from fmnist.train import PRESETS, preset_expectations
+
+    expected = preset_expectations()
+    print(f"{'preset':<18} {'expected (latest benchmark)':<32} description")
+    for name, values in PRESETS.items():
+        row = expected.get(name)
+        shown = f"{row['test_accuracy']:.2%} in {row['train_seconds']:.0f} s" if row else "not benchmarked yet"
+        print(f"{name:<18} {shown:<32} {values['description']}")
+    return 0
+
+
+class _ProgressPrinter:
+    """A live bar on a terminal (rich), and one plain summary line per epoch always, unless quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.task = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if self.quiet:
+            return
+        if kind == "start":
+            config = event["config"]
+            print(f"training {config.preset} ({config.model}, {event['parameters']:,} parameters) on "
+                  f"{event['train_size']:,} images, {event['epochs']} epochs of {event['steps_per_epoch']} steps")
+            if sys.stderr.isatty():
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task("train", total=event["steps_per_epoch"], epoch=1, metrics="")
+        elif kind == "epoch_start" and self.bar:
+            self.bar.reset(self.task, epoch=event["epoch"], metrics="")
+        elif kind == "step" and self.bar:
+            self.bar.update(self.task, completed=event["step"],
+                            metrics=f"loss {event['loss']:.4f} accuracy {event['accuracy']:.4f}")
+        elif kind == "epoch_end":
+            parts = [f"epoch {event['epoch']:>3}", f"loss {event['loss']:.4f}", f"accuracy {event['accuracy']:.4f}"]
+            for key in ("val_loss", "val_accuracy", "test_accuracy"):
+                if key in event:
+                    parts.append(f"{key} {event[key]:.4f}")
+            parts.append(f"{event['seconds']:.1f}s")
+            line = "  ".join(parts)
+            (self.bar.console.print(line, highlight=False) if self.bar else print(line, flush=True))
+        elif kind == "end" and self.bar:
+            self.bar.stop()
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        return _list_presets()
+    from fmnist import plots, train
+
+    overrides = _overrides(args)
+    if args.resume:
+        config, out_dir = None, Path(args.resume)
+    else:
+        config = train.resolve_config(args.preset, overrides)
+        out_dir = Path(args.out) if args.out else train.default_run_dir(config.preset)
+        if (out_dir / "model.json").exists() and not args.overwrite:
+            raise ConfigError(f"{out_dir} already holds a trained model; pass --overwrite or choose another --out")
+    printer = _ProgressPrinter(args.quiet)
+    try:
+        result = train.train(config, out_dir=out_dir, data_dir=args.data_dir, resume=args.resume, progress=printer)
+    finally:
+        printer.close()
+    metrics = result.metrics
+    if not args.no_plots and result.history:
+        plots.save_figure(plots.training_curves(result.history), out_dir / "plots" / "curves.png")
+    if not args.quiet:
+        if metrics["stop_reason"]:
+            print(f"stopped early: {metrics['stop_reason']}")
+        tta = f" (with flip TTA {metrics['test_accuracy_tta']:.4f})" if "test_accuracy_tta" in metrics else ""
+        print(f"test accuracy {metrics['test_accuracy']:.4f}{tta}, test loss {metrics['test_loss']:.4f}, "
+              f"{metrics['epochs_run']} epochs in {metrics['train_seconds']:.1f} s of training")
+        print(f"run folder: {out_dir}")
+    if result.interrupted:
+        print(f"interrupted after epoch {metrics['epochs_run']}; continue with "
+              f"`fmnist train --resume {out_dir}`", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- evaluate etc.
+def _test_set(classifier, data_dir):
+    from fmnist import train
+
+    config = train.TrainConfig(**classifier.meta["config"])
+    config.train_subset = None
+    return train.load_splits(config, data_dir=data_dir)["test"]
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fmnist import evaluate
+    from fmnist.checkpoint import write_json
+    from fmnist.predict import Classifier
+
+    classifier = Classifier.load(args.run)
+    x_test, y_test = _test_set(classifier, args.data_dir)
+    report = evaluate.classification_report(classifier.predict_proba(x_test), y_test, classifier.classes)
+    report_tta = evaluate.classification_report(classifier.predict_proba(x_test, tta=True), y_test, classifier.classes)
+    result = {"test_size": len(y_test), **report,
+              "tta": {"accuracy": report_tta["accuracy"], "loss": report_tta["loss"]}}
+    write_json(Path(args.run) / "evaluation.json", result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{classifier!r} on {len(y_test):,} test images")
+    print(f"test loss {report['loss']:.4f}  test accuracy {report['accuracy']:.4f}  "
+          f"(flip TTA: loss {report_tta['loss']:.4f}, accuracy {report_tta['accuracy']:.4f})")
+    print(f"\n{'class':<14}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+    for row in report["per_class"]:
+        print(f"{row['class']:<14}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>9}")
+    print("\nmost confused (true -> predicted):")
+    for pair in report["most_confused"]:
+        print(f"  {pair['true']:>12} -> {pair['predicted']:<12} {pair['count']:>4} images")
+    print(f"\nwrote {Path(args.run) / 'evaluation.json'}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fmnist.predict import Classifier
+
+    classifier = Classifier.load(args.run)
+    x_test, y_test = _test_set(classifier, args.data_dir)
+    bad = [i for i in args.index if not 0 <= i < len(y_test)]
+    if bad:
+        raise ConfigError(f"--index {bad[0]} is outside the test set (0..{len(y_test) - 1})")
+    probabilities = classifier.predict_proba(x_test[args.index])
+    rows = []
+    for index, row in zip(args.index, probabilities, strict=True):
+        predicted = int(row.argmax())
+        rows.append({"index": index, "predicted": classifier.classes[predicted], "probability": float(row[predicted]),
+                     "true": classifier.classes[int(y_test[index])],
+                     "probabilities": {name: float(p) for name, p in zip(classifier.classes, row, strict=True)}})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for item in rows:
+        mark = "right" if item["predicted"] == item["true"] else "WRONG"
+        print(f"test image {item['index']}: {item['predicted']} ({item['probability']:.1%}), "
+              f"true {item['true']} [{mark}]")
+        for name, p in sorted(item["probabilities"].items(), key=lambda kv: -kv[1]):
+            print(f"    {name:<12} {p:7.2%} {'#' * int(round(p * 30))}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    import csv
+
+    import numpy as np
+
+    from fmnist import evaluate, plots
+    from fmnist.predict import Classifier
+
+    run = Path(args.run)
+    classifier = Classifier.load(run)
+    x_test, y_test = _test_set(classifier, args.data_dir)
+    probabilities = classifier.predict_proba(x_test)
+    out = run / "plots"
+    written = []
+    history_path = run / "history.csv"
+    if history_path.exists():
+        with history_path.open() as handle:
+            history = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+                       for row in csv.DictReader(handle)]
+        written.append(plots.save_figure(plots.training_curves(history), out / "curves.png"))
+    report = evaluate.classification_report(probabilities, y_test, classifier.classes)
+    written.append(plots.save_figure(plots.confusion_matrix(np.array(report["confusion_matrix"]), classifier.classes),
+                                     out / "confusion.png"))
+    chosen = np.random.default_rng(args.seed).choice(len(y_test), size=min(18, len(y_test)), replace=False)
+    written.append(plots.save_figure(plots.prediction_grid(x_test[chosen], probabilities[chosen], y_test[chosen],
+                                                           class_names=classifier.classes), out / "predictions.png"))
+    index = int(chosen[0])
+    written.append(plots.save_figure(plots.image_with_probabilities(x_test[index], probabilities[index],
+                                                                    int(y_test[index]), classifier.classes),
+                                     out / "probabilities.png"))
+    written.append(plots.save_figure(plots.confident_mistakes(x_test, probabilities, y_test,
+                                                              class_names=classifier.classes), out / "mistakes.png"))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line interface; sub-commands register their handler as `func`."""
@@ -105,6 +366,52 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "default: $FMNIST_MIRROR, then upstream")
     fetch.add_argument("--retries", type=int, default=3, help="attempts per file and mirror")
     fetch.set_defaults(func=_cmd_data_fetch)
+    train_parser = commands.add_parser("train", help="train a model from a preset (flags override it)",
+                                       formatter_class=_Formatter)
+    train_parser.add_argument("--preset", default="default", help="starting configuration; see --list-presets")
+    train_parser.add_argument("--list-presets", action="store_true", help="show the presets and exit")
+    train_parser.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<time>)")
+    train_parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    train_parser.add_argument("--resume", metavar="RUN", default=None,
+                              help="continue an interrupted run folder from its last complete epoch")
+    train_parser.add_argument("--config", metavar="FILE", default=None,
+                              help="JSON file of settings applied over the preset (flags win)")
+    for flag, (_, kind, text) in _OVERRIDES.items():
+        train_parser.add_argument(flag, type=_ints if kind == "ints" else kind, default=None,
+                                  help=f"{text} (default: the preset's)")
+    for name, text in (("flip", "random horizontal flips"), ("tta", "report flip test-time augmentation"),
+                       ("nesterov", "Nesterov momentum"), ("channels-last", "channels-last memory format")):
+        train_parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
+                                  help=f"{text} (default: the preset's)")
+    train_parser.add_argument("--track-test", action="store_true",
+                              help="also measure test accuracy after every epoch (benchmarks)")
+    train_parser.add_argument("--dry-run", action="store_true", help="1 epoch on 512 images: a quick smoke test")
+    train_parser.add_argument("--no-plots", action="store_true", help="do not draw the training curves")
+    train_parser.add_argument("-q", "--quiet", action="store_true", help="print nothing while training")
+    _add_data_dir(train_parser)
+    train_parser.set_defaults(func=_cmd_train)
+
+    evaluate_parser = commands.add_parser("evaluate", help="test loss/accuracy, per-class report, confusions",
+                                          formatter_class=_Formatter)
+    evaluate_parser.add_argument("run", help="run folder")
+    evaluate_parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    _add_data_dir(evaluate_parser)
+    evaluate_parser.set_defaults(func=_cmd_evaluate)
+
+    predict_parser = commands.add_parser("predict", help="class probabilities for test images",
+                                         formatter_class=_Formatter)
+    predict_parser.add_argument("run", help="run folder")
+    predict_parser.add_argument("--index", type=int, nargs="+", required=True, help="test image indices")
+    predict_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_data_dir(predict_parser)
+    predict_parser.set_defaults(func=_cmd_predict)
+
+    plot_parser = commands.add_parser("plot", help="draw every figure of a run into RUN/plots",
+                                      formatter_class=_Formatter)
+    plot_parser.add_argument("run", help="run folder")
+    plot_parser.add_argument("--seed", type=int, default=0, help="which test images the prediction grid shows")
+    _add_data_dir(plot_parser)
+    plot_parser.set_defaults(func=_cmd_plot)
     return parser
 
 

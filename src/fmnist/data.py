@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
+import math
 import os
 import struct
 import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -166,7 +169,7 @@ def parse_idx(data: bytes, name: str = "<bytes>", magic: int | None = None) -> n
     if len(data) < header_length:
         raise DataFormatError(f"{name}: header truncated ({len(data)} of {header_length} bytes); {fix}")
     dims = struct.unpack(f">{ndim}I", data[4:header_length])
-    expected = header_length + int(np.prod(dims, dtype=np.int64))
+    expected = header_length + math.prod(dims)  # Python ints: a huge header cannot wrap
     if len(data) != expected:
         raise DataFormatError(f"{name}: {len(data)} bytes but its header {dims} needs {expected}; "
                               f"the file is truncated or padded; {fix}")
@@ -219,15 +222,19 @@ def read_csv(path: Path) -> Arrays:
             if not header or header[0] != "label" or len(header) != 1 + IMAGE_SIZE * IMAGE_SIZE:
                 raise DataFormatError(f"{path}: header must be `label,pixel1,...,pixel784` "
                                       f"(found {len(header)} columns starting {header[0]!r}); not a Kaggle CSV")
-            table = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
+            with warnings.catch_warnings():  # an empty body is reported below, not as a warning
+                warnings.simplefilter("ignore", UserWarning)
+                table = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
     except FileNotFoundError:
         raise DatasetNotFoundError(f"{path}: file not found; check the path") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise DataFormatError(f"{path}: unreadable CSV row ({str(error).splitlines()[0]}); "
                               "every row needs 785 integers") from None
+    if table.size == 0:
+        raise DataFormatError(f"{path}: no data rows after the header; the file is empty or cut short")
     if table.shape[1] != 1 + IMAGE_SIZE * IMAGE_SIZE:
         raise DataFormatError(f"{path}: rows have {table.shape[1]} values, expected 785")
-    if table.size and (table.min() < 0 or table[:, 1:].max() > 255):
+    if table.size and (table[:, 1:].min() < 0 or table[:, 1:].max() > 255):
         raise DataFormatError(f"{path}: pixel values outside 0..255; the file is damaged")
     labels = table[:, 0]
     images = table[:, 1:].astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
@@ -302,6 +309,9 @@ def fetch(
     if mirrors is None:
         env = os.environ.get("FMNIST_MIRROR")
         mirrors = tuple(m.strip() for m in env.split(",") if m.strip()) if env else DEFAULT_MIRRORS
+    for mirror in mirrors:
+        if not mirror.startswith(("http://", "https://")):
+            raise DownloadError(f"mirror {mirror!r} is not an http(s) URL; give a base URL like https://host/path/")
     for name in CONTENT_MD5:
         target = directory / f"{name}.gz"
         if target.exists():
@@ -319,11 +329,12 @@ def fetch(
                     log.info("downloading %s", url)
                     _download_once(url, target, name, timeout, progress)
                     break
-                except (OSError, urllib.error.URLError, DownloadError, ChecksumError, DataFormatError) as error:
+                except (OSError, http.client.HTTPException, DownloadError, ChecksumError, DataFormatError) as error:
                     errors.append(f"{url}: {error}")
                     log.warning("download failed (%s)", error)
             else:
-                time.sleep(min(0.5 * 2**attempt, 4.0))
+                if attempt < retries - 1:
+                    time.sleep(min(0.5 * 2**attempt, 4.0))
                 continue
             break
         else:
@@ -370,7 +381,8 @@ def to_tensor(images: np.ndarray, normalize: bool = True):
 def augment_batch(x, generator, flip: bool = True, translate: int = 0, erase: float = 0.0, fill: float = 0.0):
     """Random horizontal flips, translations by up to `translate` pixels (zero fill) and random erasing.
 
-    `fill` is the value of a black pixel after normalisation. Works on a whole (n, 1, 28, 28) batch at once with gathers, so augmentation costs no Python loop per image.
+    `fill` is the value of a black pixel after normalisation. Works on a whole (n, 1, 28, 28) batch at once
+    with gathers, so augmentation costs no Python loop per image.
     """
     import torch
 

@@ -146,6 +146,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         label_smoothing=0.1, flip=True, translate=2, erase=0.3, tta=True, channels_last=True),
 }
 DEFAULT_PRESET = "default"
+# Median results per preset from the latest benchmark, written by benchmarks/ (shipped inside the package).
+PRESET_RESULTS = Path(__file__).with_name("preset_results.json")
+
+
+def preset_expectations() -> dict[str, dict[str, Any]]:
+    """`{preset: {"test_accuracy": ..., "train_seconds": ...}}` from the latest benchmark, or {} if none."""
+    try:
+        return json.loads(PRESET_RESULTS.read_text())["presets"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return {}
 
 
 def resolve_config(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -283,6 +293,12 @@ def _load_resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             _, index, name = key.split(".", 2)
             slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    # Safetensors stores contiguous tensors; fused optimisers walk raw memory, so moments must have their
+    # parameter's layout again (channels-last conv weights), or resume silently diverges.
+    for parameter, slot in optimizer.state.items():
+        for key, value in slot.items():
+            if value.shape == parameter.shape:
+                slot[key] = torch.empty_like(parameter).copy_(value)
     torch.set_rng_state(tensors["rng.torch"])
     generator.set_state(tensors["rng.generator"])
     return state
@@ -294,7 +310,8 @@ def default_run_dir(preset: str, root: str | Path = "runs") -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def _load_splits(config: TrainConfig, arrays, data_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_splits(config: TrainConfig, arrays=None, data_dir=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The train, test and (when configured) validation arrays that `config` describes."""
     train_set, test_set = arrays if arrays is not None else data.load_data(data_dir)
     if config.split == "pooled":
         train_set, test_set = data.pooled_split(train_set, test_set, config.pooled_test_fraction, config.seed)
@@ -348,7 +365,7 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
 
     started = time.perf_counter()
-    splits = _load_splits(config, arrays, data_dir)
+    splits = load_splits(config, arrays, data_dir)
     x_train, y_train = _prepare(splits["train"][0], config), torch.from_numpy(splits["train"][1].astype(np.int64))
     x_test, y_test = _prepare(splits["test"][0], config), torch.from_numpy(splits["test"][1].astype(np.int64))
     x_val = y_val = None
@@ -436,7 +453,8 @@ def train(
                                        f"restored the best weights from epoch {best['epoch']}")
                 if config.stop_at is not None and value is not None and (
                         value <= config.stop_at if config.monitor.endswith("loss") else value >= config.stop_at):
-                    stop_reason = f"{config.monitor} {value:.4f} reached the target {config.stop_at} at epoch {epoch + 1}"
+                    stop_reason = (f"{config.monitor} {value:.4f} reached the target {config.stop_at} "
+                                   f"at epoch {epoch + 1}")
                 if run_dir is not None:
                     _save_resume(run_dir, model, optimizer, generator,
                                  {"epoch": epoch + 1, "history": history, "train_seconds": train_seconds})

@@ -1,0 +1,91 @@
+"""A trained model answering questions: class probabilities for arrays of 28x28 images.
+
+`Classifier.load(run_dir).predict_proba(x)` takes uint8 (0..255) or float (0..1) arrays of shape (n, 28, 28)
+or a single (28, 28) image, applies the normalisation stored with the model, and returns softmax probabilities.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmnist.checkpoint import load_model
+from fmnist.data import CLASS_NAMES
+from fmnist.errors import ImageError
+
+
+class Classifier:
+    """A loaded model plus the metadata it was saved with (classes, normalisation, metrics)."""
+
+    def __init__(self, model: nn.Module, meta: dict[str, Any]):
+        self.model = model.eval()
+        self.meta = meta
+        self.classes: list[str] = list(meta.get("classes", CLASS_NAMES))
+        norm = meta.get("normalization", {"scale": 1 / 255, "mean": 0.0, "std": 1.0})
+        self._mean, self._std = float(norm["mean"]), float(norm["std"])
+        self._channels_last = bool(meta.get("channels_last", False))
+        if self._channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> Classifier:
+        """Load a run folder written by `fmnist train` (safetensors + JSON, nothing executable)."""
+        model, meta = load_model(run_dir)
+        classifier = cls(model, meta)
+        classifier.run_dir = Path(run_dir)
+        return classifier
+
+    def __repr__(self) -> str:
+        accuracy = self.meta.get("metrics", {}).get("test_accuracy")
+        shown = f", test_accuracy={accuracy:.4f}" if isinstance(accuracy, float) else ""
+        return f"Classifier({self.meta['architecture']['name']}, preset={self.meta.get('preset')!r}{shown})"
+
+    def prepare(self, images: np.ndarray) -> torch.Tensor:
+        """Validate and scale images to the model's input tensor (n, 1, 28, 28)."""
+        array = np.asarray(images)
+        if array.ndim == 2:
+            array = array[None]
+        if array.ndim == 4 and array.shape[1] == 1:
+            array = array[:, 0]
+        if array.ndim != 3 or array.shape[1:] != (28, 28):
+            raise ImageError(f"expected images of shape (n, 28, 28) or (28, 28), got {array.shape}; "
+                             "convert photos with fmnist.images first")
+        if array.dtype == np.uint8:
+            tensor = torch.from_numpy(array.astype(np.float32) / 255.0)
+        elif np.issubdtype(array.dtype, np.floating):
+            if array.size and (np.nanmin(array) < -1e-6 or np.nanmax(array) > 1 + 1e-6 or np.isnan(array).any()):
+                raise ImageError("float images must hold values in 0..1 (uint8 images may hold 0..255)")
+            tensor = torch.from_numpy(array.astype(np.float32))
+        else:
+            raise ImageError(f"unsupported image dtype {array.dtype}; use uint8 (0..255) or float (0..1)")
+        tensor = ((tensor - self._mean) / self._std).unsqueeze(1)
+        return tensor.contiguous(memory_format=torch.channels_last) if self._channels_last else tensor
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 1000, tta: bool = False) -> np.ndarray:
+        """Softmax probabilities, shape (n, 10); `tta` averages each image with its mirror image."""
+        x = self.prepare(images)
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                batch = x[start:start + batch_size]
+                probabilities = F.softmax(self.model(batch).float(), dim=1)
+                if tta:
+                    probabilities = (probabilities + F.softmax(self.model(batch.flip(-1)).float(), dim=1)) / 2
+                outputs.append(probabilities)
+        return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """The most probable class index per image."""
+        return self.predict_proba(images, batch_size).argmax(axis=1)
+
+    def top_k(self, images: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
+        """Per image, the `k` most probable (class name, probability) pairs."""
+        probabilities = self.predict_proba(images)
+        order = np.argsort(-probabilities, axis=1)[:, :k]
+        return [[(self.classes[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, order, strict=True)]
