@@ -119,9 +119,12 @@ def _overrides(args: argparse.Namespace) -> dict:
     values = {}
     if args.config:
         try:
-            values.update(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as error:
+            loaded = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ConfigError(f"{args.config}: cannot read the config file ({error}); give a JSON object") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.config}: expected a JSON object of settings, like {{\"epochs\": 5}}")
+        values.update(loaded)
     for flag, (name, _, _) in _OVERRIDES.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
