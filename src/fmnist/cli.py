@@ -275,10 +275,98 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def _image_files(paths: Sequence[str]) -> list[Path]:
+    """Files as given, folders walked (image suffixes only, sorted); a missing path is kept to be reported."""
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def _print_answer(title: str, answer: dict) -> None:
+    best = answer["top"][0]
+    flags = []
+    if answer.get("unusual"):
+        flags.append("this does not look like a Fashion-MNIST garment")
+    if answer["unsure"]:
+        flags.append("unsure")
+    print(f"{title}: {best['class']} ({best['probability']:.1%})" + (f"  [{'; '.join(flags)}]" if flags else ""))
+    for item in answer["top"]:
+        print(f"    {item['class']:<12} {item['probability']:7.2%} {'#' * int(round(item['probability'] * 30))}")
+
+
+def _predict_files(args: argparse.Namespace, classifier) -> int:
+    import numpy as np
+
+    from fmnist import images
+
+    rows, failures, shown = [], 0, []
+    for path in _image_files(args.files):
+        try:
+            prepared = images.prepare(path)
+        except FmnistError as error:
+            failures += 1
+            rows.append({"file": str(path), "error": str(error)})
+            print(f"fmnist: error: {error}", file=sys.stderr)
+            continue
+        answer = classifier.answer(prepared.image, k=args.top)[0]
+        rows.append({"file": str(path), "inverted": prepared.inverted, **answer})
+        shown.append((path.name, prepared, answer))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        _write_predictions_csv(Path(args.csv), rows, classifier.classes)
+        print(f"wrote {args.csv} ({len(rows) - failures} predicted, {failures} failed)")
+    else:
+        for row in rows:
+            if "error" not in row:
+                _print_answer(row["file"], row)
+    if args.show and shown:
+        from fmnist import plots
+
+        figure = plots.photo_predictions([p.original for _, p, _ in shown], np.stack([p.image for _, p, _ in shown]),
+                                         [a["probabilities"] for _, _, a in shown], [n for n, _, _ in shown])
+        print(f"wrote {plots.save_figure(figure, args.show)}", file=sys.stderr if args.json else sys.stdout)
+    if not classifier.calibrated and not args.json:
+        print("note: this model was trained without a validation split, so its probabilities are not calibrated",
+              file=sys.stderr)
+    return 2 if failures else 0
+
+
+def _write_predictions_csv(path: Path, rows: list[dict], classes: Sequence[str]) -> None:
+    import csv
+    import io
+
+    from fmnist.checkpoint import atomic_write_text
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "predicted", "probability", "unsure", "unusual", "error", *classes])
+    for row in rows:
+        if "error" in row:
+            writer.writerow([row["file"], "", "", "", "", row["error"], *[""] * len(classes)])
+        else:
+            best = row["top"][0]
+            writer.writerow([row["file"], best["class"], f"{best['probability']:.6f}", row["unsure"], row["unusual"],
+                             "", *(f"{row['probabilities'][c]:.6f}" for c in classes)])
+    atomic_write_text(path, buffer.getvalue())
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from fmnist.predict import Classifier
 
+    if not args.files and not args.index:
+        raise ConfigError("give image files or folders to predict, or --index N for test images")
     classifier = Classifier.load(args.run)
+    if args.files:
+        return _predict_files(args, classifier)
     x_test, y_test = _test_set(classifier, args.data_dir)
     bad = [i for i in args.index if not 0 <= i < len(y_test)]
     if bad:
@@ -401,11 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(evaluate_parser)
     evaluate_parser.set_defaults(func=_cmd_evaluate)
 
-    predict_parser = commands.add_parser("predict", help="class probabilities for test images",
-                                         formatter_class=_Formatter)
+    predict_parser = commands.add_parser(
+        "predict", help="class probabilities for your photos or for test images", formatter_class=_Formatter,
+        description="Predict your own photos (any format Pillow reads; folders are walked) or test images.\n"
+                    "  fmnist predict runs/demo shoe.jpg photos/ --top 3 --show shown.png\n"
+                    "  fmnist predict runs/demo --index 0 5 42")
     predict_parser.add_argument("run", help="run folder")
-    predict_parser.add_argument("--index", type=int, nargs="+", required=True, help="test image indices")
-    predict_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    predict_parser.add_argument("files", nargs="*", help="image files or folders")
+    predict_parser.add_argument("--index", type=int, nargs="+", default=None, help="test image indices")
+    predict_parser.add_argument("--top", type=int, default=3, help="classes to show per image")
+    output = predict_parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="machine-readable output")
+    output.add_argument("--csv", metavar="OUT", default=None, help="write one CSV row per file")
+    predict_parser.add_argument("--show", metavar="PNG", default=None,
+                                help="draw each photo, the 28x28 the model saw and its probabilities")
     _add_data_dir(predict_parser)
     predict_parser.set_defaults(func=_cmd_predict)
 

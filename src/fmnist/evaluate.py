@@ -53,6 +53,38 @@ def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_
     return loss, (logits.argmax(1) == y).float().mean().item()
 
 
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins (weighted)."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            total += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
+    return float(total)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al. 2017): the T minimising the NLL of softmax(logits / T) on held-out data.
+
+    One scalar, so it cannot change which class wins, only how sure the model says it is.
+    """
+    log_temperature = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_temperature], lr=0.1, max_iter=200)
+    logits, labels = logits.detach().float(), labels.long()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_temperature.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_temperature.exp().clamp(0.05, 20.0))
+
+
 def most_confused_pairs(matrix: np.ndarray, top: int = 5, class_names: Sequence[str] = CLASS_NAMES) -> list[dict]:
     """The off-diagonal cells with the most images: which true class is most often taken for which."""
     off_diagonal = np.array(matrix, dtype=np.int64)

@@ -163,3 +163,36 @@ def confident_mistakes(images: np.ndarray, probabilities: np.ndarray, labels: np
     figure = prediction_grid(images[order], probabilities[order], labels[order], columns=6, class_names=class_names)
     figure.suptitle(f"The {len(order)} most confident mistakes (of {len(wrong)})", fontsize=12)
     return figure
+
+
+def photo_predictions(originals: Sequence, inputs: np.ndarray, probabilities: Sequence[Mapping[str, float]],
+                      names: Sequence[str]) -> Figure:
+    """Per photo, one row: the original, the 28x28 image the model saw, and the 10 probability bars."""
+    rows = len(inputs)
+    figure, axes = plt.subplots(rows, 3, figsize=(10, 2.6 * rows), squeeze=False,
+                                gridspec_kw={"width_ratios": [1.2, 1, 2]})
+    for row in range(rows):
+        original_axis, input_axis, bar_axis = axes[row]
+        original = originals[row]
+        if hasattr(original, "convert"):  # a PIL image of any mode and size: a small RGB copy is enough to show
+            original = original.copy()
+            original.thumbnail((512, 512))
+            original = original.convert("RGB")
+        original_axis.imshow(np.asarray(original), cmap="gray" if np.asarray(original).ndim == 2 else None)
+        original_axis.set_title(names[row], fontsize=9)
+        input_axis.imshow(inputs[row], cmap="gray", vmin=0, vmax=255)
+        input_axis.set_title("what the model sees", fontsize=9)
+        for axis in (original_axis, input_axis):
+            axis.set_xticks([])
+            axis.set_yticks([])
+        classes = list(probabilities[row])
+        values = [probabilities[row][c] for c in classes]
+        best = int(np.argmax(values))
+        bar_axis.barh(range(len(classes)), values, color=["#2c7bb6" if i == best else "#999999"
+                                                          for i in range(len(classes))])
+        bar_axis.set_yticks(range(len(classes)), classes, fontsize=8)
+        bar_axis.invert_yaxis()
+        bar_axis.set_xlim(0, 1)
+        bar_axis.set_title(f"{classes[best]} {values[best]:.0%}", fontsize=10)
+    figure.tight_layout()
+    return figure

@@ -19,6 +19,8 @@ from fmnist.checkpoint import load_model
 from fmnist.data import CLASS_NAMES
 from fmnist.errors import ImageError
 
+UNSURE_BELOW = 0.5  # a calibrated top probability under this is reported as "unsure"
+
 
 class Classifier:
     """A loaded model plus the metadata it was saved with (classes, normalisation, metrics)."""
@@ -30,6 +32,10 @@ class Classifier:
         norm = meta.get("normalization", {"scale": 1 / 255, "mean": 0.0, "std": 1.0})
         self._mean, self._std = float(norm["mean"]), float(norm["std"])
         self._channels_last = bool(meta.get("channels_last", False))
+        calibration = meta.get("metrics", {}).get("calibration", {})
+        self.temperature = float(calibration.get("temperature", 1.0))
+        self.calibrated = bool(calibration.get("fitted", False))
+        self.unusual_logit_threshold = calibration.get("unusual_logit_threshold")
         if self._channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -67,18 +73,52 @@ class Classifier:
         tensor = ((tensor - self._mean) / self._std).unsqueeze(1)
         return tensor.contiguous(memory_format=torch.channels_last) if self._channels_last else tensor
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 1000, tta: bool = False) -> np.ndarray:
-        """Softmax probabilities, shape (n, 10); `tta` averages each image with its mirror image."""
+    def logits(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Raw model outputs, shape (n, 10)."""
         x = self.prepare(images)
+        with torch.inference_mode():
+            outputs = [self.model(x[start:start + batch_size]).float() for start in range(0, len(x), batch_size)]
+        return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 1000, tta: bool = False,
+                      calibrated: bool = True) -> np.ndarray:
+        """Softmax probabilities, shape (n, 10); `tta` averages each image with its mirror image.
+
+        With `calibrated`, logits are divided by the temperature fitted on the validation split (1.0 when the
+        model was trained without one), so a 90% answer is right about 90% of the time.
+        """
+        x = self.prepare(images)
+        temperature = self.temperature if calibrated else 1.0
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(x), batch_size):
                 batch = x[start:start + batch_size]
-                probabilities = F.softmax(self.model(batch).float(), dim=1)
+                probabilities = F.softmax(self.model(batch).float() / temperature, dim=1)
                 if tta:
-                    probabilities = (probabilities + F.softmax(self.model(batch.flip(-1)).float(), dim=1)) / 2
+                    mirrored = F.softmax(self.model(batch.flip(-1)).float() / temperature, dim=1)
+                    probabilities = (probabilities + mirrored) / 2
                 outputs.append(probabilities)
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
+
+    def answer(self, images: np.ndarray, k: int = 3, unsure_below: float = UNSURE_BELOW) -> list[dict[str, Any]]:
+        """Per image: top-k classes with calibrated probabilities, all probabilities, and honest flags.
+
+        `unsure` when the top probability is under `unsure_below`; `unusual` when the top logit is below what
+        99% of held-out images scored (the input looks unlike the training images, e.g. not clothing at all).
+        """
+        logits = self.logits(images)
+        probabilities = torch.softmax(torch.from_numpy(logits) / self.temperature, 1).numpy()
+        answers = []
+        for row_logits, row in zip(logits, probabilities, strict=True):
+            order = np.argsort(-row)
+            answers.append({
+                "top": [{"class": self.classes[j], "probability": float(row[j])} for j in order[:k]],
+                "probabilities": {name: float(p) for name, p in zip(self.classes, row, strict=True)},
+                "unsure": bool(row[order[0]] < unsure_below),
+                "unusual": bool(self.unusual_logit_threshold is not None
+                                and row_logits.max() < self.unusual_logit_threshold),
+            })
+        return answers
 
     def predict(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """The most probable class index per image."""
