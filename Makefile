@@ -33,7 +33,7 @@ $(VENV)/.base: pyproject.toml $(VENV)/.torch
 	@touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.base
-	$(PIP) install -e ".[dev,serve,onnx]"
+	$(PIP) install -e ".[dev]"
 	@touch $@
 
 # The dataset: found where fmnist looks, else Debian's package when we may install it, else a download.

@@ -319,7 +319,6 @@ def test_resume_of_a_folder_without_a_run_is_exit_2(tmp_path, capsys):
     (["train", "--hidden", "abc"], "expected comma-separated integers"),
     (["train", "--hidden", "128,0"], "expected positive sizes"),
     (["train", "--epochs", "two"], "invalid int value"),
-    (["predict", "somewhere"], "--index"),
     (["train", "--no-such-flag"], "unrecognized arguments"),
     ([], "COMMAND"),
 ])
@@ -345,3 +344,8 @@ def test_bad_config_values_are_exit_2(content, flags, tmp_path, capsys):
                  "--dry-run", *flags])
     assert code == 2
     single_error_line(capsys.readouterr().err)
+
+
+def test_predict_without_files_or_index_is_exit_2(tmp_path, capsys):
+    assert main(["predict", str(tmp_path)]) == 2
+    assert "--index" in single_error_line(capsys.readouterr().err)
