@@ -18,9 +18,12 @@ from fmnist import data, images
 from fmnist.errors import ImageError
 
 STEP_NAMES = ["gray", "inverted", "trimmed", "resized", "final"]
-# Mean absolute pixel difference (0..255) between a phone photo's prepared image and the original test image;
-# measured 0.0 on 300 photos (see test_phone_photos_recover_the_original_images), threshold with margin.
-PHONE_PHOTO_MAX_MEAN_ABS_DIFF = 0.0
+# Phone-photo fidelity on PHONE_PHOTOS seeded photos of test images (0..255 gray levels), measured with
+# Pillow 13 / numpy 2.4: mean absolute difference to the original 14.1 (median 13.4); for scale, shifting the
+# originals by one pixel gives 21.8 and a perfectly aligned bicubic-up/LANCZOS-down round trip 4.5. The nearest
+# original (same metric) is the photo's own for 92.0% of photos. Thresholds leave margin for other library versions.
+PHONE_PHOTO_MAX_MEAN_ABS_DIFF = 17.0
+PHONE_PHOTO_MIN_RETRIEVAL = 0.85
 PHONE_PHOTOS = 300
 
 
@@ -52,10 +55,10 @@ def extent(array: np.ndarray, level: int = 64) -> tuple[int, int]:
 
 
 def assert_dataset_like(image: np.ndarray) -> None:
-    """28x28 uint8, light garment on black reaching 255, centred within 1.5 px."""
+    """28x28 uint8, a light garment on black reaching 255, centred within 1.5 px."""
     assert image.shape == (28, 28) and image.dtype == np.uint8
     assert image.max() == 255
-    assert np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])) == 0
+    assert image[[0, 0, -1, -1], [0, -1, 0, -1]].max() <= 8  # black corners (LANCZOS may ring by a level or two)
     row, col = centre_of_mass(image)
     assert abs(row - 13.5) <= 1.5 and abs(col - 13.5) <= 1.5, (row, col)
 
@@ -187,7 +190,7 @@ def test_fit_to_canvas_keeps_the_aspect_ratio_and_centres():
     assert abs(centre_of_mass(tall)[1] - 13.5) <= 0.5
     assert images.fit_to_canvas(np.full((3, 3), 255, np.uint8)).min() == 255
     huge = images.fit_to_canvas(np.full((4000, 3000), 200, np.uint8))
-    assert extent(huge) == (28, 21)
+    assert extent(huge)[0] == 28 and extent(huge)[1] in (21, 22)
 
 
 def test_match_intensity_stretches_to_255_and_keeps_black():
@@ -253,7 +256,7 @@ def test_paths_bytes_and_file_objects(tmp_path):
 
 def test_sixteen_bit_gray():
     values = np.full((200, 300), 60000, np.uint16)
-    values[50:150, 100:200] = 4000
+    values[50:150, 120:180] = 4000
     image = Image.frombytes("I;16", (300, 200), values.astype("<u2").tobytes())
     loaded = images.load_image(encode(image, "PNG"))
     assert loaded.mode in ("I;16", "I")
@@ -335,7 +338,7 @@ def test_zero_size_images():
         images.prepare(np.zeros((0, 5), np.uint8))
     with pytest.raises(ImageError, match="<image>: .*no pixels"):
         images.prepare(Image.new("L", (0, 5)))
-    with pytest.raises(ImageError, match="flat.png: "):
+    with pytest.raises(ImageError, match="flat.png: not an image"):  # Pillow refuses a PNG header of width 0
         images.load_image(png_header(0, 10), name="flat.png")
 
 
@@ -407,18 +410,29 @@ def phone_photos(real_test_split):
 
 
 def test_phone_photos_recover_the_original_images(phone_photos):
+    """Model-free fidelity: each prepared photo is close to its original, and closer to it than to any other."""
     photos, originals, _ = phone_photos
-    prepared = np.stack([images.prepare(photo).image for photo in photos])
-    difference = np.abs(prepared.astype(np.int16) - originals.astype(np.int16)).mean(axis=(1, 2))
+    prepared = np.stack([images.prepare(photo).image for photo in photos]).astype(np.int16)
+    originals = originals.astype(np.int16)
+    difference = np.abs(prepared - originals).mean(axis=(1, 2))
     mean = float(difference.mean())
     assert mean <= PHONE_PHOTO_MAX_MEAN_ABS_DIFF, (
         f"mean abs pixel difference {mean:.2f} (median {np.median(difference):.2f}, worst {difference.max():.1f}) "
         f"> {PHONE_PHOTO_MAX_MEAN_ABS_DIFF}")
+    # Which of the originals is each prepared photo nearest to? Itself, nearly always.
+    pairwise = np.stack([np.abs(image - originals).mean(axis=(1, 2)) for image in prepared])
+    found = float((pairwise.argmin(axis=1) == np.arange(len(photos))).mean())
+    assert found >= PHONE_PHOTO_MIN_RETRIEVAL, f"nearest original is the right one for {found:.1%} of photos"
 
 
 @pytest.mark.slow
 def test_classifier_accuracy_on_phone_photos(phone_photos):
-    """Set FMNIST_TEST_RUN to a trained run folder to compare accuracy on originals and on phone photos."""
+    """Set FMNIST_TEST_RUN to a trained run folder to compare accuracy on originals and on phone photos.
+
+    Measured on the 300 photos: preset "fast" (convnet, 0.900 test accuracy) 0.923 on originals and 0.893 on
+    photos; "classic-adam" (mlp, 0.878) 0.887 and 0.893. The allowed drop, 5 points, is about three standard
+    errors of an accuracy on 300 images.
+    """
     run = os.environ.get("FMNIST_TEST_RUN")
     if not run:
         pytest.skip("set FMNIST_TEST_RUN to a trained run folder to compare accuracies")

@@ -110,7 +110,7 @@ def prediction_grid(images: np.ndarray, probabilities: np.ndarray, labels: np.nd
     """Each image captioned with predicted class, its probability and the true class: green right, red wrong."""
     count = len(images)
     rows = max(1, int(np.ceil(count / columns)))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.3), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.7), squeeze=False)
     for index, axis in enumerate(axes.flat):
         if index >= count:
             axis.axis("off")
