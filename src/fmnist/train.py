@@ -163,16 +163,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         model="keras-cnn", optimizer="adam", lr=1e-3, batch_size=32, epochs=10),
     # The CNN presets were chosen on a 5,000-image validation split (see the issue notes): flips help at every
     # length; shifts cost accuracy in short schedules and did not help at 25 epochs; width beats epochs.
+    # fast and default keep that split to calibrate their confidence: label smoothing leaves them under-confident
+    # (ECE 0.109 -> 0.007 after temperature scaling, measured on `fast`).
     "fast": dict(
         description="BN ConvNet 32-64-128, one-cycle SGD, flips, bf16 where the CPU has AMX: about a minute",
         model="convnet", widths=[32, 64, 128], optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
         weight_decay=5e-4, schedule="onecycle", warmup=0.2, batch_size=256, epochs=5, normalize="standard",
-        label_smoothing=0.1, flip=True, tta=True, channels_last=True, precision="auto"),
+        label_smoothing=0.1, flip=True, tta=True, channels_last=True, precision="auto",
+        validation=5000),
     "default": dict(
         description="BN ConvNet 64-128-256, one-cycle SGD, flips, 10 epochs: about 5 minutes on 2 cores",
         model="convnet", widths=[64, 128, 256], optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
         weight_decay=5e-4, schedule="onecycle", warmup=0.2, batch_size=256, epochs=10, normalize="standard",
-        label_smoothing=0.1, flip=True, tta=True, channels_last=True, precision="auto"),
+        label_smoothing=0.1, flip=True, tta=True, channels_last=True, precision="auto",
+        validation=5000),
     "best": dict(
         description="two blocks per stage, 64-128-256, flips + 1-pixel shifts, 28 epochs: about 30 min on 2 cores",
         model="convnet", widths=[64, 128, 256], depth=2, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
