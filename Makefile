@@ -15,10 +15,11 @@ DEMO_PRESET ?= default
 PIP := $(VENV)/bin/python -m pip --disable-pip-version-check -q
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint dataset clean help
+.PHONY: demo test lint dataset browser serve clean help
 help:
 	@echo "make demo   - train the default model on Fashion-MNIST, evaluate it, draw its figures (runs/demo)"
 	@echo "make test   - install the dev extra and run the whole test suite"
+	@echo "make serve  - web page and HTTP API for the demo model on http://127.0.0.1:8000"
 	@echo "make lint   - ruff"
 
 $(BIN)/python:
@@ -51,7 +52,14 @@ runs/demo/model.json: $(VENV)/.base | dataset
 	$(BIN)/fmnist data show --out runs/demo/samples.png
 	$(BIN)/fmnist train --preset $(DEMO_PRESET) --out runs/demo --overwrite
 
-test: $(VENV)/.dev dataset
+# The browser test drives Debian's headless Chromium; installed here when missing and we may (root + apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || ./scripts/install-browser.sh
+
+serve: $(VENV)/.dev runs/demo/model.json
+	$(BIN)/fmnist serve runs/demo
+
+test: $(VENV)/.dev dataset browser
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.dev

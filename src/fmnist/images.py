@@ -31,6 +31,10 @@ DEFAULT_MAX_PIXELS = 40_000_000
 MIN_CONTRAST = 24
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+# Our own pixel limit is checked from the header before decoding, so Pillow's softer warning between its limit and
+# twice that adds nothing. Filtered once here: toggling filters per call is not thread-safe (the web service decodes
+# uploads in a thread pool).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | np.ndarray | Image.Image
 
@@ -79,20 +83,15 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *, name: str | None
     if not payload:
         raise ImageError(f"{label}: the file is empty; upload the image again")
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its own limit and twice that; ours is stricter, so the warning is an error.
-            pillow_limit = Image.MAX_IMAGE_PIXELS
-            warnings.simplefilter("ignore" if pillow_limit is None or max_pixels > pillow_limit else "error",
-                                  Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(payload)) as opened:
-                width, height = opened.size
-                if width == 0 or height == 0:
-                    raise ImageError(f"{label}: the image is {width}x{height} pixels; it has no pixels to read")
-                if width * height > max_pixels:
-                    raise _too_large(label, width, height, max_pixels)
-                opened.load()
-                image = _upright(opened)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        with Image.open(io.BytesIO(payload)) as opened:
+            width, height = opened.size
+            if width == 0 or height == 0:
+                raise ImageError(f"{label}: the image is {width}x{height} pixels; it has no pixels to read")
+            if width * height > max_pixels:
+                raise _too_large(label, width, height, max_pixels)
+            opened.load()
+            image = _upright(opened)
+    except Image.DecompressionBombError as error:
         raise ImageError(f"{label}: the image is too large to decode safely, over the limit of {max_pixels:,} "
                          f"pixels ({error}); resize it before uploading") from None
     except UnidentifiedImageError:
