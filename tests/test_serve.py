@@ -305,3 +305,21 @@ def test_latest_run_prefers_demo_then_newest(tmp_path):
     (tmp_path / "runs" / "demo" / "model.json").write_text("{}")
     os.utime(tmp_path / "runs" / "demo" / "model.json", (1, 1))
     assert latest_run(tmp_path / "runs").name == "demo"
+
+
+def test_load_benchmark_runs_end_to_end(run, tmp_path):
+    """benchmarks/serve_load.py on a tiny budget: starts the server, drives it, writes its table (numbers unchecked:
+    timings belong to the benchmark, not to tests)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_load.py"
+    done = subprocess.run([sys.executable, str(script), str(run), "--scenarios", "2x1", "1x4", "--seconds", "0.5",
+                           "--warmup", "0.2", "--threads", "1", "--unbatched", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(next(tmp_path.glob("serve_load-*.json")).read_text())
+    assert [row["scenario"] for row in report["scenarios"]] == ["2x1", "1x4", "16x1 unbatched"]
+    assert all(row["errors"] == 0 and row["requests"] > 0 for row in report["scenarios"])
+    assert "| 1x4 |" in (tmp_path / "serve_load.md").read_text()
