@@ -2,6 +2,8 @@
 
 `Classifier.load(run_dir).predict_proba(x)` takes uint8 (0..255) or float (0..1) arrays of shape (n, 28, 28)
 or a single (28, 28) image, applies the normalisation stored with the model, and returns softmax probabilities.
+`Predictor` holds what every engine shares (input checks, calibration, answers), so the onnxruntime predictor in
+`fmnist.export` answers exactly like the torch one.
 """
 
 from __future__ import annotations
@@ -22,83 +24,52 @@ from fmnist.errors import ImageError
 UNSURE_BELOW = 0.5  # a calibrated top probability under this is reported as "unsure"
 
 
-class Classifier:
-    """A loaded model plus the metadata it was saved with (classes, normalisation, metrics)."""
+def check_images(images: np.ndarray) -> np.ndarray:
+    """Images as an (n, 28, 28) uint8 or float array, refusing shapes, dtypes and ranges no model can use."""
+    array = np.asarray(images)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 3 or array.shape[1:] != (28, 28):
+        raise ImageError(f"expected images of shape (n, 28, 28) or (28, 28), got {array.shape}; "
+                         "convert photos with fmnist.images first")
+    if np.issubdtype(array.dtype, np.floating):
+        if array.size and (np.nanmin(array) < -1e-6 or np.nanmax(array) > 1 + 1e-6 or np.isnan(array).any()):
+            raise ImageError("float images must hold values in 0..1 (uint8 images may hold 0..255)")
+    elif array.dtype != np.uint8:
+        raise ImageError(f"unsupported image dtype {array.dtype}; use uint8 (0..255) or float (0..1)")
+    return array
 
-    def __init__(self, model: nn.Module, meta: dict[str, Any]):
-        self.model = model.eval()
+
+class Predictor:
+    """What every engine shares: the metadata, calibration, and answers built on `logits` and `predict_proba`.
+
+    Subclasses implement `logits` and `predict_proba`; `predict`, `top_k` and `answer` then behave the same
+    whichever engine (torch, onnxruntime) computes the numbers.
+    """
+
+    def __init__(self, meta: dict[str, Any]):
         self.meta = meta
         self.classes: list[str] = list(meta.get("classes", CLASS_NAMES))
-        norm = meta.get("normalization", {"scale": 1 / 255, "mean": 0.0, "std": 1.0})
-        self._mean, self._std = float(norm["mean"]), float(norm["std"])
-        self._channels_last = bool(meta.get("channels_last", False))
         calibration = meta.get("metrics", {}).get("calibration", {})
         self.temperature = float(calibration.get("temperature", 1.0))
         self.calibrated = bool(calibration.get("fitted", False))
         self.unusual_logit_threshold = calibration.get("unusual_logit_threshold")
-        if self._channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-
-    @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> Classifier:
-        """Load a run folder written by `fmnist train` (safetensors + JSON, nothing executable)."""
-        model, meta = load_model(run_dir)
-        classifier = cls(model, meta)
-        classifier.run_dir = Path(run_dir)
-        return classifier
 
     def __repr__(self) -> str:
         accuracy = self.meta.get("metrics", {}).get("test_accuracy")
         shown = f", test_accuracy={accuracy:.4f}" if isinstance(accuracy, float) else ""
-        return f"Classifier({self.meta['architecture']['name']}, preset={self.meta.get('preset')!r}{shown})"
+        return f"{type(self).__name__}({self.meta['architecture']['name']}, preset={self.meta.get('preset')!r}{shown})"
 
-    def prepare(self, images: np.ndarray) -> torch.Tensor:
-        """Validate and scale images to the model's input tensor (n, 1, 28, 28)."""
-        array = np.asarray(images)
-        if array.ndim == 2:
-            array = array[None]
-        if array.ndim == 4 and array.shape[1] == 1:
-            array = array[:, 0]
-        if array.ndim != 3 or array.shape[1:] != (28, 28):
-            raise ImageError(f"expected images of shape (n, 28, 28) or (28, 28), got {array.shape}; "
-                             "convert photos with fmnist.images first")
-        if array.dtype == np.uint8:
-            tensor = torch.from_numpy(array.astype(np.float32) / 255.0)
-        elif np.issubdtype(array.dtype, np.floating):
-            if array.size and (np.nanmin(array) < -1e-6 or np.nanmax(array) > 1 + 1e-6 or np.isnan(array).any()):
-                raise ImageError("float images must hold values in 0..1 (uint8 images may hold 0..255)")
-            tensor = torch.from_numpy(array.astype(np.float32))
-        else:
-            raise ImageError(f"unsupported image dtype {array.dtype}; use uint8 (0..255) or float (0..1)")
-        tensor = ((tensor - self._mean) / self._std).unsqueeze(1)
-        return tensor.contiguous(memory_format=torch.channels_last) if self._channels_last else tensor
-
-    def logits(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Raw model outputs, shape (n, 10)."""
-        x = self.prepare(images)
-        with torch.inference_mode():
-            outputs = [self.model(x[start:start + batch_size]).float() for start in range(0, len(x), batch_size)]
-        return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
+        raise NotImplementedError
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 1000, tta: bool = False,
+    def predict_proba(self, images: np.ndarray, batch_size: int = 256, tta: bool = False,
                       calibrated: bool = True) -> np.ndarray:
-        """Softmax probabilities, shape (n, 10); `tta` averages each image with its mirror image.
-
-        With `calibrated`, logits are divided by the temperature fitted on the validation split (1.0 when the
-        model was trained without one), so a 90% answer is right about 90% of the time.
-        """
-        x = self.prepare(images)
-        temperature = self.temperature if calibrated else 1.0
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, len(x), batch_size):
-                batch = x[start:start + batch_size]
-                probabilities = F.softmax(self.model(batch).float() / temperature, dim=1)
-                if tta:
-                    mirrored = F.softmax(self.model(batch.flip(-1)).float() / temperature, dim=1)
-                    probabilities = (probabilities + mirrored) / 2
-                outputs.append(probabilities)
-        return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
+        """Softmax probabilities, shape (n, 10); `tta` averages each image with its mirror image."""
+        raise NotImplementedError
 
     def answer(self, images: np.ndarray, k: int = 3, unsure_below: float = UNSURE_BELOW) -> list[dict[str, Any]]:
         """Per image: top-k classes with calibrated probabilities, all probabilities, and honest flags.
@@ -120,7 +91,7 @@ class Classifier:
             })
         return answers
 
-    def predict(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """The most probable class index per image."""
         return self.predict_proba(images, batch_size).argmax(axis=1)
 
@@ -129,3 +100,61 @@ class Classifier:
         probabilities = self.predict_proba(images)
         order = np.argsort(-probabilities, axis=1)[:, :k]
         return [[(self.classes[j], float(row[j])) for j in idx] for row, idx in zip(probabilities, order, strict=True)]
+
+
+class Classifier(Predictor):
+    """A loaded torch model plus the metadata it was saved with (classes, normalisation, metrics)."""
+
+    def __init__(self, model: nn.Module, meta: dict[str, Any]):
+        super().__init__(meta)
+        self.model = model.eval()
+        norm = meta.get("normalization", {"scale": 1 / 255, "mean": 0.0, "std": 1.0})
+        self._mean, self._std = float(norm["mean"]), float(norm["std"])
+        self._channels_last = bool(meta.get("channels_last", False))
+        if self._channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> Classifier:
+        """Load a run folder written by `fmnist train` (safetensors + JSON, nothing executable)."""
+        model, meta = load_model(run_dir)
+        classifier = cls(model, meta)
+        classifier.run_dir = Path(run_dir)
+        return classifier
+
+    def prepare(self, images: np.ndarray) -> torch.Tensor:
+        """Validate and scale images to the model's input tensor (n, 1, 28, 28)."""
+        array = check_images(images)
+        if array.dtype == np.uint8:
+            tensor = torch.from_numpy(array.astype(np.float32) / 255.0)
+        else:
+            tensor = torch.from_numpy(array.astype(np.float32))
+        tensor = ((tensor - self._mean) / self._std).unsqueeze(1)
+        return tensor.contiguous(memory_format=torch.channels_last) if self._channels_last else tensor
+
+    def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Raw model outputs, shape (n, 10)."""
+        x = self.prepare(images)
+        with torch.inference_mode():
+            outputs = [self.model(x[start:start + batch_size]).float() for start in range(0, len(x), batch_size)]
+        return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 256, tta: bool = False,
+                      calibrated: bool = True) -> np.ndarray:
+        """Softmax probabilities, shape (n, 10); `tta` averages each image with its mirror image.
+
+        With `calibrated`, logits are divided by the temperature fitted on the validation split (1.0 when the
+        model was trained without one), so a 90% answer is right about 90% of the time.
+        """
+        x = self.prepare(images)
+        temperature = self.temperature if calibrated else 1.0
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                batch = x[start:start + batch_size]
+                probabilities = F.softmax(self.model(batch).float() / temperature, dim=1)
+                if tta:
+                    mirrored = F.softmax(self.model(batch.flip(-1)).float() / temperature, dim=1)
+                    probabilities = (probabilities + mirrored) / 2
+                outputs.append(probabilities)
+        return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)

@@ -1,0 +1,235 @@
+"""ONNX: write a run folder as one self-contained .onnx file, and answer questions from it with onnxruntime.
+
+The graph takes what the dataset holds — uint8 pixels (batch, 28, 28), light garment on black — and does the
+normalisation itself, so a consumer in any language needs no knowledge of fmnist to use it. It returns the
+calibrated `probabilities` (what `Classifier.predict_proba` returns) and the raw `logits`; classes, temperature
+and the full model.json travel in the file's metadata. `OnnxClassifier` reads such a file and behaves like the
+torch `Classifier`. onnx and onnxruntime are an optional extra: `pip install 'fmnist[onnx]'`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmnist.checkpoint import atomic_write_bytes, load_model
+from fmnist.errors import FmnistError, ModelFileError
+from fmnist.predict import Predictor, check_images
+
+ONNX_FILE = "model.onnx"
+OPSET = 17  # runs on every onnxruntime >= 1.14, and on most other runtimes
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("probabilities", "logits")
+PARITY_TOLERANCE = 1e-4  # largest probability difference from torch accepted when checking a fresh export
+
+
+class OnnxUnavailableError(FmnistError):
+    """onnx or onnxruntime is not installed (they are the optional `onnx` extra)."""
+
+
+def _require(module: str) -> Any:
+    """Import an optional package, or say in one line how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise OnnxUnavailableError(f"ONNX support needs the {module} package, which is not installed; "
+                                   "run pip install 'fmnist[onnx]'") from None
+
+
+def _graph_module(model: Any, meta: dict[str, Any]) -> Any:
+    """The model wrapped so the graph starts at dataset bytes and ends at calibrated probabilities."""
+    import torch
+    from torch import nn
+
+    norm = meta.get("normalization", {"mean": 0.0, "std": 1.0})
+    mean, std = float(norm["mean"]), float(norm["std"])
+    temperature = float(meta.get("metrics", {}).get("calibration", {}).get("temperature", 1.0))
+
+    class Graph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # The same float32 operations, in the same order, as Classifier.prepare and predict_proba.
+            x = (images.float() / 255.0 - mean) / std
+            logits = self.model(x.unsqueeze(1)).float()
+            return torch.softmax(logits / temperature, dim=1), logits
+
+    return Graph().eval()
+
+
+def _metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """The metadata_props written into the file: strings as they are, everything else as JSON text."""
+    from fmnist import __version__
+
+    norm = meta.get("normalization", {"mean": 0.0, "std": 1.0})
+    calibration = meta.get("metrics", {}).get("calibration", {})
+    values = {
+        "classes": meta.get("classes"),
+        "preprocessing": (f"input '{INPUT_NAME}': uint8 (batch, 28, 28), pixels 0..255 in dataset form (light "
+                          f"garment on black; convert photos with fmnist.images.prepare); the graph computes "
+                          f"(x / 255 - {norm['mean']}) / {norm['std']}"),
+        "outputs": ("probabilities: softmax(logits / temperature), calibrated, shape (batch, 10); "
+                    "logits: raw scores, shape (batch, 10); class order as in 'classes'"),
+        "normalization": norm,
+        "preset": meta.get("preset"),
+        "architecture": meta["architecture"],
+        "test_accuracy": meta.get("metrics", {}).get("test_accuracy"),
+        "temperature": float(calibration.get("temperature", 1.0)),
+        "calibrated": bool(calibration.get("fitted", False)),
+        "unusual_logit_threshold": calibration.get("unusual_logit_threshold"),
+        "fmnist_version": __version__,
+        "model_json": meta,
+    }
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}
+
+
+def _torch_to_onnx(module: Any) -> bytes:
+    """Trace with torch's TorchScript exporter: no extra dependency, folds batch norm into the convolutions."""
+    import torch
+
+    options: dict[str, Any] = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        options["dynamo"] = False  # torch >= 2.9 defaults to the torch.export path, which needs onnxscript
+    buffer = io.BytesIO()
+    batch = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
+        torch.onnx.export(module, (torch.zeros(2, 28, 28, dtype=torch.uint8),), buffer, input_names=[INPUT_NAME],
+                          output_names=list(OUTPUT_NAMES), opset_version=OPSET, do_constant_folding=True,
+                          dynamic_axes={name: batch for name in (INPUT_NAME, *OUTPUT_NAMES)}, **options)
+    return buffer.getvalue()
+
+
+def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write the run's model as ONNX (default RUN/model.onnx; a folder `out` gets model.onnx), atomically.
+
+    Before anything is written the graph is validated by onnx.checker and compared with the torch model on a
+    few images, so a file that exists is one that answers like `Classifier`.
+    """
+    onnx = _require("onnx")
+    _require("onnxruntime")
+    from fmnist.predict import Classifier
+
+    model, meta = load_model(run_dir)
+    model_proto = onnx.load_from_string(_torch_to_onnx(_graph_module(model, meta)))
+    model_proto.producer_name = "fmnist"
+    model_proto.doc_string = "Fashion-MNIST classifier exported by `fmnist export`; see metadata 'preprocessing'."
+    for key, value in _metadata(meta).items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model_proto, full_check=True)
+    payload = model_proto.SerializeToString()
+
+    samples = np.random.default_rng(0).integers(0, 256, size=(16, 28, 28), dtype=np.uint8)
+    expected = Classifier(model, meta).predict_proba(samples)
+    difference = float(np.abs(OnnxClassifier.from_bytes(payload).predict_proba(samples) - expected).max())
+    if not difference <= PARITY_TOLERANCE:
+        raise RuntimeError(f"the exported graph disagrees with the torch model (max probability difference "
+                           f"{difference:.2g}); nothing was written. Please report this with your torch version")
+    target = Path(run_dir) / ONNX_FILE if out is None else Path(out)
+    return atomic_write_bytes(target / ONNX_FILE if target.is_dir() else target, payload)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class OnnxClassifier(Predictor):
+    """An exported model run by onnxruntime, with the interface of the torch `Classifier`.
+
+    The graph takes uint8 pixels, so float images (0..1) are rounded to the nearest of the 256 levels first.
+    """
+
+    def __init__(self, session: Any, meta: dict[str, Any], path: Path | None = None):
+        super().__init__(meta)
+        self.session = session
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int | None = None) -> OnnxClassifier:
+        """Load a .onnx file made by `fmnist export`, or a run folder holding `model.onnx`.
+
+        `threads` sets onnxruntime's intra-op threads; the default is every core this process may use.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / ONNX_FILE
+        if not path.is_file():
+            raise ModelFileError(f"{path}: no such ONNX file; make it with `fmnist export RUN --format onnx`")
+        return cls._from_source(str(path), threads, path)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, threads: int | None = None) -> OnnxClassifier:
+        """Load a serialised model held in memory."""
+        return cls._from_source(payload, threads, None)
+
+    @classmethod
+    def _from_source(cls, source: str | bytes, threads: int | None, path: Path | None) -> OnnxClassifier:
+        ort = _require("onnxruntime")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or _cores()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: no notes about folded initialisers on the user's terminal
+        label = path or "model"
+        try:
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types for every kind of bad file
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ModelFileError(f"{label}: not a loadable ONNX model ({first}); export it again with "
+                                 "`fmnist export RUN`") from None
+        props = session.get_modelmeta().custom_metadata_map
+        try:
+            meta = json.loads(props["model_json"])
+        except (KeyError, json.JSONDecodeError):
+            raise ModelFileError(f"{label}: an ONNX model, but not one exported by fmnist (no model_json "
+                                 "metadata); export a run with `fmnist export RUN`") from None
+        names = {item.name for item in session.get_outputs()}
+        if [item.name for item in session.get_inputs()] != [INPUT_NAME] or not names >= set(OUTPUT_NAMES):
+            raise ModelFileError(f"{label}: inputs or outputs are not fmnist's ({INPUT_NAME} -> "
+                                 f"{', '.join(OUTPUT_NAMES)}); export it again with `fmnist export RUN`")
+        return cls(session, meta, path)
+
+    def _pixels(self, images: np.ndarray) -> np.ndarray:
+        array = check_images(images)
+        if array.dtype != np.uint8:
+            array = np.rint(array.astype(np.float32) * 255.0).clip(0, 255).astype(np.uint8)
+        return np.ascontiguousarray(array)
+
+    def _run(self, pixels: np.ndarray, output: str, batch_size: int) -> np.ndarray:
+        outputs = [self.session.run([output], {INPUT_NAME: pixels[start:start + batch_size]})[0]
+                   for start in range(0, len(pixels), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), np.float32)
+
+    def logits(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Raw model outputs, shape (n, 10)."""
+        return self._run(self._pixels(images), "logits", batch_size)
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 1000, tta: bool = False,
+                      calibrated: bool = True) -> np.ndarray:
+        """Softmax probabilities, shape (n, 10); `tta` averages each image with its mirror image.
+
+        Calibrated probabilities come straight from the graph; uncalibrated ones are the softmax of its logits.
+        """
+        import torch
+
+        pixels = self._pixels(images)
+        views = [pixels, np.ascontiguousarray(pixels[:, :, ::-1])] if tta else [pixels]
+        if calibrated:
+            results = [self._run(view, "probabilities", batch_size) for view in views]
+        else:
+            results = [torch.softmax(torch.from_numpy(self._run(view, "logits", batch_size)), 1).numpy()
+                       for view in views]
+        return (results[0] + results[1]) / 2 if tta else results[0]
