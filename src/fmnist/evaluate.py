@@ -18,7 +18,7 @@ from torch import nn
 from fmnist.data import CLASS_NAMES
 
 
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000, tta: bool = False) -> torch.Tensor:
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, tta: bool = False) -> torch.Tensor:
     """Logits (or, with `tta`, log of the flip-averaged probabilities) for a prepared input tensor."""
     was_training = model.training
     model.eval()
@@ -45,7 +45,7 @@ def _is_channels_last(model: nn.Module) -> bool:
     return False
 
 
-def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
                       tta: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy on a prepared tensor set."""
     logits = predict_logits(model, x, batch_size, tta)

@@ -47,13 +47,18 @@ class MLP(nn.Module):
 
 
 class KerasCNN(nn.Module):
-    """The typical Keras tutorial CNN: Conv32 -> pool -> Conv64 -> pool -> Dense128 -> Dense10 ('valid' convs)."""
+    """The typical Keras tutorial CNN: Conv32 -> pool -> Conv64 -> pool -> Dense128 -> Dense10 ('valid' convs).
+
+    Keras applies ReLU in the conv layer and pools after it; max-pooling first and ReLU second computes exactly the
+    same function and gradients (both are monotonic), on a quarter of the values: ReLU and its backward pass were
+    a fifth of this network's training step on CPU.
+    """
 
     def __init__(self, dropout: float = 0.0):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 32, 3), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), nn.ReLU(),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(),
                                   nn.Dropout(dropout) if dropout else nn.Identity(), nn.Linear(128, NUM_CLASSES))
