@@ -13,7 +13,10 @@ from fmnist.errors import ConfigError, FmnistError
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows `(default: N)` in every --help and keeps description line breaks."""
+    """Shows `(default: N)` in every --help (unless there is none) and keeps description line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -427,7 +430,63 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fmnist.export import OPSET, export_onnx
+
+    path = export_onnx(args.run, args.out)
+    print(f"wrote {path} (ONNX opset {OPSET}, {path.stat().st_size / 1e6:.1f} MB): uint8 images "
+          "(batch, 28, 28) in, calibrated probabilities and logits out")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- parser
+def _check_port_free(host: str, port: int) -> None:
+    """Fail with one line before loading anything when the address is taken (uvicorn would log a traceback-ish
+    error and exit later)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ConfigError(f"cannot listen on {host!r}: {error.strerror}; use an address of this machine, "
+                          "e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port "
+                              "or stop the program using it") from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from fmnist import serve
+    except ImportError as error:
+        raise ConfigError(f"the web service needs the serve extra ({error.name} is missing); "
+                          "run: pip install 'fmnist[serve]'") from None
+    if args.run is None:
+        try:
+            args.run = serve.latest_run()
+        except FileNotFoundError:
+            raise ConfigError("no trained run under runs/; name one (fmnist serve RUN) or train one with "
+                              "`make demo` or `fmnist train`") from None
+    limits = {"--port": (args.port, 0, 65535), "--max-mb": (args.max_mb, 0.001, 10_000),
+              "--max-pixels": (args.max_pixels, 1, 10**10), "--max-images": (args.max_images, 1, 100_000),
+              "--workers": (args.workers, 1, 256), "--max-batch": (args.max_batch, 1, 65536),
+              "--threads": (args.threads or 1, 1, 1024)}
+    for flag, (value, low, high) in limits.items():
+        if not low <= value <= high:
+            raise ConfigError(f"{flag} {value} is out of range; use {low}..{high}")
+    _check_port_free(args.host, args.port)
+    settings = serve.ServeSettings(max_bytes=int(args.max_mb * serve.MiB), max_pixels=args.max_pixels,
+                                   max_images=args.max_images, prepare_workers=args.workers,
+                                   torch_threads=args.threads, max_batch=args.max_batch)
+    serve.run_server(args.run, args.host, args.port, settings, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line interface; sub-commands register their handler as `func`."""
     parser = argparse.ArgumentParser(prog="fmnist", formatter_class=_Formatter,
@@ -512,6 +571,39 @@ def build_parser() -> argparse.ArgumentParser:
     plot_parser.add_argument("--seed", type=int, default=0, help="which test images the prediction grid shows")
     _add_data_dir(plot_parser)
     plot_parser.set_defaults(func=_cmd_plot)
+
+    export_parser = commands.add_parser(
+        "export", help="write a run as an ONNX file for onnxruntime and other runtimes", formatter_class=_Formatter,
+        description="Export a trained run, preprocessing and calibration included, for other runtimes:\n"
+                    "  fmnist export runs/demo --format onnx    # writes runs/demo/model.onnx\n"
+                    "Input: uint8 (batch, 28, 28) dataset-form pixels; outputs: probabilities, logits.\n"
+                    "Needs the onnx extra: pip install 'fmnist[onnx]'.")
+    export_parser.add_argument("run", help="run folder")
+    export_parser.add_argument("--format", choices=("onnx",), default="onnx", help="file format")
+    export_parser.add_argument("--out", metavar="FILE", default=None, help="file to write (default: RUN/model.onnx)")
+    export_parser.set_defaults(func=_cmd_export)
+
+    serve_parser = commands.add_parser(
+        "serve", help="web page and HTTP API for a trained model", formatter_class=_Formatter,
+        description="Serve a web page (upload, drop, paste or draw an image) and an HTTP API for one trained run:\n"
+                    "  GET /  the page          POST /v1/predict  images or 28x28 arrays -> probabilities\n"
+                    "  GET /v1/model  GET /healthz  GET /docs (OpenAPI)\n"
+                    "Needs the serve extra: pip install 'fmnist[serve]'.")
+    serve_parser.add_argument("run", nargs="?", default=None,
+                              help="run folder (default: runs/demo, else the newest run under runs/)")
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    serve_parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve_parser.add_argument("--max-mb", type=float, default=10.0, help="largest request body, in megabytes")
+    serve_parser.add_argument("--max-pixels", type=int, default=25_000_000, help="largest image, in pixels")
+    serve_parser.add_argument("--max-images", type=int, default=64, help="most images in one request")
+    serve_parser.add_argument("--workers", type=int, default=2, help="threads decoding and preparing uploads")
+    serve_parser.add_argument("--threads", type=int, default=None,
+                              help="torch threads for the model (default: one per core)")
+    serve_parser.add_argument("--max-batch", type=int, default=256,
+                              help="most images per forward pass when requests queue up (1: no batching)")
+    serve_parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                              help="uvicorn's access/error log level (info logs every request)")
+    serve_parser.set_defaults(func=_cmd_serve)
     return parser
 
 
