@@ -124,19 +124,28 @@ class Classifier(Predictor):
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:
         """Validate and scale images to the model's input tensor (n, 1, 28, 28)."""
-        array = check_images(images)
+        return self._scaled(check_images(images))
+
+    def _scaled(self, array: np.ndarray) -> torch.Tensor:
+        """Checked images to the model's input: one float copy, then the scaling in place (never the caller's array)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32, copy=True)
         if array.dtype == np.uint8:
-            tensor = torch.from_numpy(array.astype(np.float32) / 255.0)
-        else:
-            tensor = torch.from_numpy(array.astype(np.float32))
-        tensor = ((tensor - self._mean) / self._std).unsqueeze(1)
+            tensor.div_(255.0)
+        if self._mean != 0.0 or self._std != 1.0:
+            tensor.sub_(self._mean).div_(self._std)
+        tensor = tensor.unsqueeze(1)
         return tensor.contiguous(memory_format=torch.channels_last) if self._channels_last else tensor
+
+    def _batches(self, images: np.ndarray, batch_size: int):
+        """Model inputs chunk by chunk: small tensors stay in cache, and no full-size float copy is made."""
+        array = check_images(images)
+        for start in range(0, len(array), batch_size):
+            yield self._scaled(array[start:start + batch_size])
 
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Raw model outputs, shape (n, 10)."""
-        x = self.prepare(images)
         with torch.inference_mode():
-            outputs = [self.model(x[start:start + batch_size]).float() for start in range(0, len(x), batch_size)]
+            outputs = [self.model(batch).float() for batch in self._batches(images, batch_size)]
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 256, tta: bool = False,
@@ -146,12 +155,10 @@ class Classifier(Predictor):
         With `calibrated`, logits are divided by the temperature fitted on the validation split (1.0 when the
         model was trained without one), so a 90% answer is right about 90% of the time.
         """
-        x = self.prepare(images)
         temperature = self.temperature if calibrated else 1.0
         outputs = []
         with torch.inference_mode():
-            for start in range(0, len(x), batch_size):
-                batch = x[start:start + batch_size]
+            for batch in self._batches(images, batch_size):
                 probabilities = F.softmax(self.model(batch).float() / temperature, dim=1)
                 if tta:
                     mirrored = F.softmax(self.model(batch.flip(-1)).float() / temperature, dim=1)
