@@ -63,7 +63,7 @@ test: $(VENV)/.dev dataset browser
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks notebooks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -219,11 +219,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out_dir = Path(args.out) if args.out else train.default_run_dir(config.preset)
         if (out_dir / "model.json").exists() and not args.overwrite:
             raise ConfigError(f"{out_dir} already holds a trained model; pass --overwrite or choose another --out")
-    printer = _ProgressPrinter(args.quiet)
+    from fmnist.distributed import is_main_process
+
+    printer = _ProgressPrinter(args.quiet or not is_main_process())
     try:
         result = train.train(config, out_dir=out_dir, data_dir=args.data_dir, resume=args.resume, progress=printer)
     finally:
         printer.close()
+    if not is_main_process():  # under torchrun, rank 0 reports and writes for the whole group
+        return 130 if result.interrupted else 0
     metrics = result.metrics
     if not args.no_plots and result.history:
         plots.save_figure(plots.training_curves(result.history), out_dir / "plots" / "curves.png")
@@ -425,9 +429,27 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                                      out / "probabilities.png"))
     written.append(plots.save_figure(plots.confident_mistakes(x_test, probabilities, y_test,
                                                               class_names=classifier.classes), out / "mistakes.png"))
+    if args.embedding:
+        written.append(_plot_embedding(args, classifier, x_test, y_test, probabilities, out))
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _plot_embedding(args: argparse.Namespace, classifier, x_test, y_test, probabilities, out: Path) -> Path:
+    from fmnist import embedding, plots
+
+    if args.points < 10:
+        raise ConfigError(f"--points {args.points} is too few for a map; use at least 10")
+    chosen = embedding.stratified_sample(y_test, args.points, args.seed)
+    method = args.method if args.method != "auto" else embedding.available_methods()[0]
+    print(f"mapping {len(chosen):,} test images to 2-D with {method.upper()} (pixels, then network features)...",
+          flush=True)
+    pixels, _ = embedding.embed_2d(x_test[chosen].reshape(len(chosen), -1) / 255.0, method, args.seed)
+    features, _ = embedding.embed_2d(embedding.penultimate_features(classifier, x_test[chosen]), method, args.seed)
+    figure = plots.embedding_maps(pixels, features, y_test[chosen], probabilities[chosen].argmax(1), method,
+                                  classifier.classes)
+    return plots.save_figure(figure, out / "embedding.png")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -437,6 +459,65 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {path} (ONNX opset {OPSET}, {path.stat().st_size / 1e6:.1f} MB): uint8 images "
           "(batch, 28, 28) in, calibrated probabilities and logits out")
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fmnist import data, sweep
+
+    sweep.require_extra()  # one line naming the extra, before any work, when ray or pyyaml is missing
+    spec = sweep.load_spec(args.spec)
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {args.max_concurrent} must be at least 1")
+    out_dir = Path(args.out) if args.out else Path("runs") / f"sweep-{spec.name}"
+    concurrency = args.max_concurrent or min(sweep.default_concurrency(spec.trial_threads), spec.trial_count())
+    arrays = data.load_data(args.data_dir, verify=not args.no_verify)
+    if not args.quiet:
+        stopping = f", ASHA on {spec.metric}" if spec.asha else ""
+        count = spec.trial_count()
+        print(f"sweep {spec.name}: {count} trial{'s' if count != 1 else ''} of preset {spec.preset} "
+              f"({spec.search} search{stopping}), {concurrency} at a time with {spec.trial_threads} torch thread(s) "
+              f"each, into {out_dir}", flush=True)
+
+    def report(event: dict) -> None:
+        if args.quiet:
+            return
+        if event["event"] == "trial_start":
+            print(f"{event['trial']} started: {sweep.format_params(event['params'])}", flush=True)
+        elif event["event"] == "trial_result":
+            print(f"{event['trial']} epoch {event['epoch']}: {event['metric']} {event['value']:.4f}", flush=True)
+        elif event["event"] == "trial_error":
+            print(f"{event['trial']} failed", flush=True)
+
+    trials = sweep.run_sweep(spec, out_dir, arrays=arrays, max_concurrent=concurrency, progress=report)
+    _print_sweep(spec, trials, out_dir)
+    cut = [trial["trial"] for trial in trials if trial["status"] == "interrupted"]
+    if cut:
+        print(f"interrupted: {len(cut)} trial(s) did not finish ({', '.join(cut)})", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _print_sweep(spec, trials: list[dict], out_dir: Path) -> None:
+    from fmnist.sweep import format_params
+
+    width = max(len("trial"), *(len(trial["trial"]) for trial in trials))
+    print(f"\n{'rank':>5}  {'trial':<{width}}  {spec.metric:>12}  {'epochs':>6}  {'status':<13} {'test acc':>8}  "
+          "params")
+    for trial in trials:
+        rank = f"{'*' if trial['best'] else ''}{trial['rank']}"
+        value = f"{trial['metric']:.4f}" if trial["metric"] is not None else "-"
+        epochs = f"{trial['epochs_run']}/{trial['epochs_planned']}" if trial["epochs_planned"] else "-"
+        test = f"{trial['test_accuracy']:.2%}" if trial["test_accuracy"] is not None else "-"
+        print(f"{rank:>5}  {trial['trial']:<{width}}  {value:>12}  {epochs:>6}  {trial['status']:<13} {test:>8}  "
+              f"{format_params(trial['params'])}")
+    best = next((trial for trial in trials if trial["best"]), None)
+    if best:
+        print(f"* best: {best['trial']} ({spec.metric} {best['metric']:.4f}), run folder {out_dir / best['run']} "
+              f"(also {out_dir / 'best'})")
+    failed = [trial for trial in trials if trial["status"] == "failed"]
+    for trial in failed[:3]:
+        print(f"{trial['trial']} failed: {trial['error']}", file=sys.stderr)
+    print(f"wrote {out_dir / 'sweep.json'} and {out_dir / 'sweep.md'}")
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -484,6 +565,55 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                    max_images=args.max_images, prepare_workers=args.workers,
                                    torch_threads=args.threads, max_batch=args.max_batch)
     serve.run_server(args.run, args.host, args.port, settings, log_level=args.log_level)
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from fmnist.runs import list_runs
+
+    rows = list_runs(args.dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs under {args.dir}; train one with `fmnist train`")
+        return 0
+    width = max(len("run"), *(len(row["name"]) for row in rows))
+    print(f"{'run':<{width}}  {'preset':<18} {'model':<10} {'test acc':>8} {'train s':>8} {'epochs':>6}  created")
+    for row in rows:
+        accuracy = f"{row['test_accuracy']:.2%}" if row["test_accuracy"] is not None else row["state"]
+        seconds = f"{row['train_seconds']:.0f}" if row["train_seconds"] is not None else "-"
+        created = (row["created"] or "-")[:16].replace("T", " ")
+        print(f"{row['name']:<{width}}  {row['preset'] or '-':<18} {row['model'] or '-':<10} {accuracy:>8} "
+              f"{seconds:>8} {row['epochs'] if row['epochs'] is not None else '-':>6}  {created}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fmnist import plots
+    from fmnist.runs import read_history, summary
+
+    if len(args.runs) < 2:
+        raise ConfigError("give at least two run folders to compare")
+    rows = [summary(run) for run in args.runs]
+    names = [row["name"] for row in rows]
+    if len(set(names)) < len(names):
+        names = [row["path"] for row in rows]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        width = max(14, *(len(name) for name in names))
+        print(f"{'':<14}" + "".join(f"{name:>{width + 2}}" for name in names))
+        for key, shown in (("preset", "{}"), ("model", "{}"), ("test_accuracy", "{:.2%}"),
+                           ("val_accuracy", "{:.2%}"), ("train_seconds", "{:.1f}"), ("epochs", "{}"),
+                           ("state", "{}")):
+            values = [shown.format(row[key]) if row[key] is not None else "-" for row in rows]
+            print(f"{key:<14}" + "".join(f"{value:>{width + 2}}" for value in values))
+    histories = {name: read_history(Path(run)) for name, run in zip(names, args.runs, strict=True)}
+    histories = {name: history for name, history in histories.items() if history}
+    if histories:
+        written = plots.save_figure(plots.compare_curves(histories), args.out)
+        print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -569,6 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       formatter_class=_Formatter)
     plot_parser.add_argument("run", help="run folder")
     plot_parser.add_argument("--seed", type=int, default=0, help="which test images the prediction grid shows")
+    plot_parser.add_argument("--embedding", action="store_true",
+                             help="also map the network's features of the test set to 2-D beside the raw pixels "
+                                  "(plots/embedding.png)")
+    plot_parser.add_argument("--method", choices=["auto", "umap", "tsne"], default="auto",
+                             help="2-D mapping for --embedding: auto = UMAP when umap-learn is installed, else t-SNE")
+    plot_parser.add_argument("--points", type=int, default=3000,
+                             help="test images in the --embedding map (stratified sample; all 10,000 take minutes)")
     _add_data_dir(plot_parser)
     plot_parser.set_defaults(func=_cmd_plot)
 
@@ -582,6 +719,34 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--format", choices=("onnx",), default="onnx", help="file format")
     export_parser.add_argument("--out", metavar="FILE", default=None, help="file to write (default: RUN/model.onnx)")
     export_parser.set_defaults(func=_cmd_export)
+
+    sweep_parser = commands.add_parser(
+        "sweep", help="a hyper-parameter search with Ray Tune: one run folder per trial, ranked",
+        formatter_class=_Formatter,
+        description="Run the trials a YAML spec describes (see examples/sweep-fast.yaml) with Ray Tune:\n"
+                    "  fmnist sweep examples/sweep-fast.yaml --max-concurrent 2\n"
+                    "Writes OUT/trials/<trial>/ (run folders), OUT/sweep.json, OUT/sweep.md and OUT/best.\n"
+                    "Needs the sweep extra: pip install 'fmnist[sweep]'.")
+    sweep_parser.add_argument("spec", help="YAML sweep spec")
+    sweep_parser.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<spec name>)")
+    sweep_parser.add_argument("--max-concurrent", type=int, default=None,
+                              help="trials at once (default: the cores divided by the spec's trial_threads)")
+    sweep_parser.add_argument("-q", "--quiet", action="store_true", help="print only the final table")
+    _add_data_dir(sweep_parser)
+    sweep_parser.set_defaults(func=_cmd_sweep)
+
+    runs_parser = commands.add_parser("runs", help="a table of the run folders under DIR, newest first",
+                                      formatter_class=_Formatter)
+    runs_parser.add_argument("dir", nargs="?", default="runs", help="folder holding run folders")
+    runs_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    runs_parser.set_defaults(func=_cmd_runs)
+
+    compare_parser = commands.add_parser("compare", help="metrics of several runs side by side, and their curves",
+                                         formatter_class=_Formatter)
+    compare_parser.add_argument("runs", nargs="+", help="run folders")
+    compare_parser.add_argument("--out", default="compare.png", help="figure overlaying the training curves")
+    compare_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    compare_parser.set_defaults(func=_cmd_compare)
 
     serve_parser = commands.add_parser(
         "serve", help="web page and HTTP API for a trained model", formatter_class=_Formatter,

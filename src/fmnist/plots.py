@@ -1,19 +1,22 @@
 """Every figure fmnist draws. Each function takes plain data, returns a matplotlib Figure, and never trains.
 
-Headless: the `Agg` backend is selected on import so figures render on servers and in CI.
+Headless: the `Agg` backend is selected on import so figures render on servers and in CI, except inside a
+Jupyter kernel or when MPLBACKEND names one, so that notebooks show the figures inline.
 `save_figure` writes atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules and not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -195,4 +198,50 @@ def photo_predictions(originals: Sequence, inputs: np.ndarray, probabilities: Se
         bar_axis.set_xlim(0, 1)
         bar_axis.set_title(f"{classes[best]} {values[best]:.0%}", fontsize=10)
     figure.tight_layout()
+    return figure
+
+
+def compare_curves(histories: Mapping[str, Sequence[Mapping[str, float]]]) -> Figure:
+    """Several runs' loss and accuracy per epoch on shared axes: solid train, dashed validation (when present)."""
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.get_cmap("tab10")
+    for index, (name, history) in enumerate(histories.items()):
+        epochs = [row["epoch"] for row in history]
+        for axis, metric in ((loss_axis, "loss"), (accuracy_axis, "accuracy")):
+            axis.plot(epochs, [row.get(metric, np.nan) for row in history], "-", color=colors(index % 10),
+                      label=f"{name} train")
+            if any(f"val_{metric}" in row for row in history):
+                axis.plot(epochs, [row.get(f"val_{metric}", np.nan) for row in history], "--",
+                          color=colors(index % 10), label=f"{name} validation")
+    for axis, title in ((loss_axis, "Loss"), (accuracy_axis, "Accuracy")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    accuracy_axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def embedding_maps(pixel_points: np.ndarray, feature_points: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
+                   method: str, class_names: Sequence[str] = CLASS_NAMES) -> Figure:
+    """Raw pixels and the network's features of the same images in 2-D, coloured by true class, mistakes ringed."""
+    figure, axes = plt.subplots(1, 2, figsize=(14, 6.6))
+    colors = plt.get_cmap("tab10")
+    wrong = predicted != labels
+    titles = (f"raw pixels ({method.upper()})",
+              f"network features, penultimate layer ({method.upper()}); {int(wrong.sum())} mistakes ringed")
+    for axis, points, title in zip(axes, (pixel_points, feature_points), titles, strict=True):
+        for k, name in enumerate(class_names):
+            members = labels == k
+            axis.scatter(points[members, 0], points[members, 1], s=5, color=colors(k), alpha=0.7, label=name,
+                         linewidths=0)
+        axis.scatter(points[wrong, 0], points[wrong, 1], s=22, facecolors="none", edgecolors="black",
+                     linewidths=0.6, label="misclassified")
+        axis.set_title(title, fontsize=10)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    handles, names = axes[1].get_legend_handles_labels()
+    figure.legend(handles, names, loc="lower center", ncol=6, markerscale=3, frameon=False, fontsize=9)
+    figure.suptitle(f"What the network learned: {len(labels):,} test images", fontsize=12)
+    figure.tight_layout(rect=(0, 0.09, 1, 0.96))
     return figure

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from fmnist import checkpoint, data, evaluate
+from fmnist import checkpoint, data, distributed, evaluate
 from fmnist.errors import ConfigError, ModelFileError
 from fmnist.models import count_parameters, create_model
 
@@ -410,6 +410,8 @@ def train(
     default preset. `arrays` passes `((x_train, y_train), (x_test, y_test))` instead of loading the dataset.
     `resume` continues a run folder from its last complete epoch (its stored config wins). Ctrl-C or SIGTERM
     stops after restoring the last complete epoch and saving it; `result.interrupted` is then True.
+    Under `torchrun` it trains data-parallel (see `fmnist.distributed`): `batch_size` is the global batch, and
+    only rank 0 reports progress and writes files.
     """
     if resume is not None:
         resume = Path(resume)
@@ -426,7 +428,17 @@ def train(
         config = resolve_config(overrides.pop("preset", DEFAULT_PRESET), overrides)
     else:
         config.validate()
-    emit = progress or (lambda event: None)
+    group = distributed.setup(config.threads)
+    try:
+        return _train(config, out_dir, arrays, data_dir, resume, progress, group)
+    finally:
+        distributed.teardown(group)
+
+
+def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, group) -> TrainResult:
+    distributed.check_batch(group, config.batch_size)
+    main = group is None or group.main
+    emit = (progress if main else None) or (lambda event: None)
     if config.threads:
         torch.set_num_threads(config.threads)
     # Weights fed by always-black border pixels get zero gradients, so Adam's moment estimates decay into subnormal
@@ -450,6 +462,7 @@ def train(
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(config, model)
+    trained = distributed.wrap(group, model)  # DDP under torchrun: rank 0's weights now, averaged gradients
     steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     fill = -data.PIXEL_MEAN / data.PIXEL_STD if config.normalize == "standard" else 0.0
@@ -461,11 +474,13 @@ def train(
     start_epoch, train_seconds, stop_reason = 0, 0.0, None
     best = {"value": None, "epoch": 0, "state": None}
     run_dir = Path(out_dir) if out_dir is not None else None
-    if resume is not None:
+    if resume is not None:  # every rank reads the same checkpoint
         state = _load_resume(run_dir, model, optimizer, generator)
         history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
-    elif run_dir is not None:
+    if not main:
+        run_dir = None  # only rank 0 writes
+    elif resume is None and run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(run_dir / "config.json", dataclasses.asdict(config))
     last_good = copy.deepcopy(model.state_dict())
@@ -481,33 +496,45 @@ def train(
                 epoch_started = time.perf_counter()
                 loss_sum = torch.zeros(())
                 correct = torch.zeros((), dtype=torch.int64)
+                seen = 0
                 for step, index in enumerate(data.iterate_batches(len(y_train), config.batch_size, generator)):
-                    stopper.check()
-                    for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
+                    if group is None:
+                        stopper.check()
+                    elif len(index) < group.world:
+                        continue  # a last batch too small to give every rank an image (all ranks skip it)
+                    for param_group in optimizer.param_groups:
+                        param_group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
                     inputs, targets = x_train[index], y_train[index]
-                    if augmenting:
+                    if augmenting:  # the whole global batch on every rank: the generators stay in step
                         inputs = data.augment_batch(inputs, generator, config.flip, config.translate, config.erase,
                                                     fill)
+                    inputs, targets = distributed.shard(group, inputs, targets)
                     if config.channels_last:
                         inputs = inputs.contiguous(memory_format=torch.channels_last)
                     with autocast:
-                        logits = model(inputs)
+                        logits = trained(inputs)
                         loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    seen += len(targets)
                     with torch.no_grad():
                         loss_sum += loss.detach() * len(targets)
                         correct += (logits.argmax(1) == targets).sum()
                     if step % 20 == 0 or step == steps_per_epoch - 1:
-                        seen = min((step + 1) * config.batch_size, len(y_train))
+                        total_loss, total_correct, total_seen, stops = distributed.sum_across(
+                            group, [loss_sum.item(), correct.item(), seen, stopper.requested])
+                        if stops:
+                            raise KeyboardInterrupt  # on every rank at the same step
                         emit({"event": "step", "epoch": epoch + 1, "step": step + 1,
-                              "loss": loss_sum.item() / seen, "accuracy": correct.item() / seen})
+                              "loss": total_loss / total_seen, "accuracy": total_correct / total_seen})
                 epoch_seconds = time.perf_counter() - epoch_started
                 train_seconds += epoch_seconds
-                row: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum.item() / len(y_train),
-                                       "accuracy": correct.item() / len(y_train),
+                total_loss, total_correct, total_seen = distributed.sum_across(
+                    group, [loss_sum.item(), correct.item(), seen])
+                distributed.sync_buffers(group, model)
+                row: dict[str, Any] = {"epoch": epoch + 1, "loss": total_loss / total_seen,
+                                       "accuracy": total_correct / total_seen,
                                        "lr": optimizer.param_groups[0]["lr"], "seconds": round(epoch_seconds, 3),
                                        "train_seconds": round(train_seconds, 3)}
                 if x_val is not None:
@@ -535,7 +562,8 @@ def train(
                 emit({"event": "epoch_end", **row})
                 if stop_reason:
                     break
-                stopper.check()
+                if distributed.sum_across(group, [stopper.requested])[0]:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             interrupted = True
             model.load_state_dict(last_good)

@@ -1,0 +1,102 @@
+"""Data-parallel scaling on this machine: 1 process vs N processes under torchrun, one torch thread each.
+
+For each preset: one process with 1 thread, N processes (torchrun, gloo) with 1 thread each, and, for reference,
+one process with N threads (the usual way to use N cores without torchrun). Reports training images/s, the speed-up
+and scaling efficiency (speed-up / N) of the distributed run over the 1-thread run, and test accuracy, so the same
+preset can be seen to give the same accuracy on 1 or N processes. Every run is `fmnist train` in fresh processes;
+nothing else should run meanwhile.
+
+    .venv/bin/python benchmarks/distributed_scaling.py                       # classic-adam and fast, 2 processes
+    .venv/bin/python benchmarks/distributed_scaling.py --presets fast --epochs 3 --processes 2
+
+Writes benchmarks/results/distributed_scaling-<stamp>.json and benchmarks/results/distributed_scaling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def train_once(preset: str, epochs: int, processes: int, threads: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="fmnist-scaling-") as folder:
+        out = Path(folder) / "run"
+        command = ["-m", "fmnist", "train", "--preset", preset, "--epochs", str(epochs), "--threads", str(threads),
+                   "--out", str(out), "--no-plots", "--quiet", *extra]
+        if processes > 1:
+            command = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), *command]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            sys.exit(f"training failed ({preset}, {processes} processes):\n{done.stdout}\n{done.stderr}")
+        metrics = json.loads((out / "metrics.json").read_text())
+        config = json.loads((out / "config.json").read_text())
+    train_images = 60_000 - (config.get("validation") or 0)
+    return {"preset": preset, "processes": processes, "threads_per_process": threads, "epochs": epochs,
+            "train_seconds": metrics["train_seconds"], "images_per_s": train_images * epochs / metrics["train_seconds"],
+            "test_accuracy": metrics["test_accuracy"], "global_batch": config["batch_size"]}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Data-parallel scaling ({report['date']})", "",
+             f"Machine: {report['cpu']}, {report['cores']} cores; torch {report['torch']}, gloo backend. "
+             f"Command: `{report['command']}`.", "",
+             "| preset | setup | global batch | training s | images/s | speed-up vs 1x1 | efficiency | test acc |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in report["runs"]:
+        plural = "es" if row["processes"] > 1 else ""
+        setup = f"{row['processes']} process{plural} x {row['threads_per_process']} thread"
+        lines.append(f"| {row['preset']} | {setup} | {row['global_batch']} | {row['train_seconds']:.1f} | "
+                     f"{row['images_per_s']:,.0f} | {row['speedup']:.2f}x | "
+                     f"{row['efficiency']:.0%} | {row['test_accuracy']:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["classic-adam", "fast"])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    runs = []
+    for preset in args.presets:
+        single = train_once(preset, args.epochs, 1, 1, [])
+        group = train_once(preset, args.epochs, args.processes, 1, [])
+        threaded = train_once(preset, args.epochs, 1, args.processes, [])
+        for row, workers in ((single, 1), (group, args.processes), (threaded, args.processes)):
+            row["speedup"] = row["images_per_s"] / single["images_per_s"]
+            row["efficiency"] = row["speedup"] / workers
+            runs.append(row)
+            print(f"{preset:>13} {row['processes']} proc x {row['threads_per_process']} thr: "
+                  f"{row['images_per_s']:8,.0f} img/s  speed-up {row['speedup']:.2f}x  "
+                  f"test {row['test_accuracy']:.4f}", flush=True)
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
+              "torch": torch.__version__,
+              "command": "python benchmarks/distributed_scaling.py " + " ".join(sys.argv[1:]),
+              "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M")
+    (args.out / f"distributed_scaling-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "distributed_scaling.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""Data-parallel training over several processes, launched by `torchrun` (torch.distributed + DDP).
+
+`fmnist train` runs unchanged under torchrun: every rank loads the data, draws the same seeded permutation and
+augmentation for each global batch, and trains on its own contiguous slice of it; DDP averages the gradients, so
+N processes with a global batch B take the same steps as one process with batch B. Metrics and stop requests are
+summed across ranks at fixed points, so all ranks always agree on when to stop. Only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fmnist.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands in the group."""
+
+    rank: int
+    world: int
+    backend: str
+    owns_group: bool  # we initialised the process group, so we tear it down
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """True outside torchrun and on rank 0: the process that prints and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup(threads: int | None = None) -> Context | None:
+    """Join the group torchrun describes in the environment (gloo: training runs on the CPU); None when alone."""
+    if not launched_by_torchrun():
+        return None
+    if not dist.is_available():
+        raise ConfigError("this torch build has no torch.distributed; run without torchrun")
+    owns = not dist.is_initialized()
+    if owns:
+        seconds = int(os.environ.get("FMNIST_DIST_TIMEOUT", "300"))
+        dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
+    if threads is None:
+        # torch's default is one thread per core in *each* process: N processes would fight over the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    return Context(dist.get_rank(), dist.get_world_size(), dist.get_backend(), owns)
+
+
+def check_batch(context: Context | None, batch_size: int) -> None:
+    if context and batch_size % context.world:
+        raise ConfigError(f"batch size {batch_size} is the global batch and must divide evenly among "
+                          f"{context.world} processes; use a multiple of {context.world}")
+
+
+def wrap(context: Context | None, model: nn.Module) -> nn.Module:
+    """The module to train through: DDP (which broadcasts rank 0's weights now and averages gradients) or the model."""
+    if context is None:
+        return model
+    return nn.parallel.DistributedDataParallel(model, broadcast_buffers=True)
+
+
+def shard(context: Context | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This rank's contiguous slice of each global-batch tensor."""
+    if context is None:
+        return tensors
+    return tuple(t.tensor_split(context.world)[context.rank] for t in tensors)
+
+
+def sum_across(context: Context | None, values: list[float]) -> list[float]:
+    """Element-wise sums over all ranks (one all-reduce); the values themselves when alone."""
+    if context is None:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def sync_buffers(context: Context | None, model: nn.Module) -> None:
+    """Give every rank rank 0's batch-norm statistics, so evaluations and the saved model agree everywhere."""
+    if context is None:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+def teardown(context: Context | None) -> None:
+    if context is not None and context.owns_group and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,741 @@
+"""Hyper-parameter sweeps: a YAML spec, Ray Tune running `fmnist.train.train` per trial, a ranked report.
+
+`load_spec(path)` reads and fully validates the spec (no Ray needed), so a typo fails in one line before any
+process starts. `run_sweep(spec, out_dir)` runs the trials with Ray Tune on this machine and writes:
+
+    out_dir/trials/<trial>/   one ordinary run folder per trial (`fmnist predict`, `evaluate`, `export` work on it)
+    out_dir/sweep.json        the spec and every trial: params, metric, epochs run, status, test accuracy, folder
+    out_dir/sweep.md          the same as a table, best first
+    out_dir/best              a relative symlink to the best trial's folder (a text file naming it where the
+                              file system has no symlinks)
+
+Trials stopped early by ASHA: Tune ends a stopped trial's process while it waits in `tune.report`, so a trial
+reports an epoch only at a safe point (when the next epoch starts, or after `train` has written the run folder).
+A stopped trial therefore leaves its last complete epoch as a resume checkpoint; the driver then turns that into
+an ordinary run folder through `train(resume=...)`, exactly like a run stopped with Ctrl-C: `metrics.json` says
+`interrupted: true`, `fmnist train --resume` could continue it, and `sweep.json` marks it `stopped early`.
+Ctrl-C stops the whole sweep the same way: the report is written, and trials cut off are marked `interrupted`.
+Trial folders in sweep.json are relative to `out_dir` (`trials/trial-003`), so the sweep folder can move.
+
+ray and pyyaml are the optional `sweep` extra: `pip install 'fmnist[sweep]'`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import difflib
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fmnist import checkpoint
+from fmnist.errors import ConfigError, FmnistError
+
+INSTALL_HINT = "pip install 'fmnist[sweep]'"
+METRICS = {"val_accuracy": "max", "val_loss": "min", "accuracy": "max", "loss": "min"}
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+SPEC_KEYS = ("preset", "metric", "search", "samples", "fixed", "space", "asha", "trial_threads", "sampler_seed")
+ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2}
+DEFAULT_VALIDATION = 5000  # held-out images added when a val_* metric meets a preset without a validation split
+DEFAULT_SAMPLES = {"random": 8, "grid": 1}
+
+
+class SweepError(FmnistError):
+    """A sweep could not run: the extra is missing, the output folder is taken, or every trial failed."""
+
+
+def require_extra() -> None:
+    """Import ray.tune and yaml, or say in one line how to install them (the CLI calls this first)."""
+    for module in ("yaml", "ray.tune"):
+        _require(module)
+
+
+def _require(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        name = module.split(".")[0]
+        raise SweepError(f"sweeps need the {name} package, which is not installed; run {INSTALL_HINT}") from None
+
+
+# ----------------------------------------------------------------------------------------------- the spec
+@dataclass
+class SweepSpec:
+    """A validated sweep: the base preset, what to vary and how, what to maximise, how to stop early."""
+
+    preset: str
+    metric: str = "val_accuracy"
+    search: str = "random"
+    samples: int = DEFAULT_SAMPLES["random"]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)  # setting -> {distribution: values}
+    asha: dict[str, Any] | None = None  # {"grace_period": int, "reduction_factor": number} or None (off)
+    trial_threads: int = 1
+    sampler_seed: int = 0  # seeds Ray's random sampler: the same spec draws the same trials
+    name: str = "sweep"
+
+    @property
+    def mode(self) -> str:
+        """"max" for accuracies, "min" for losses."""
+        return METRICS[self.metric]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for sweep.json."""
+        return dataclasses.asdict(self)
+
+    def overrides(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The TrainConfig overrides of one trial: fixed settings, the drawn params, the thread count."""
+        return {**self.fixed, **params, "threads": self.trial_threads}
+
+    def trial_count(self) -> int:
+        """How many trials the sweep runs: the samples, times the size of the grid."""
+        grid = math.prod(len(_candidates(d)) for d in self.space.values() if "grid" in d)
+        return self.samples * grid
+
+    def max_epochs(self) -> int:
+        """The longest a trial can train (ASHA's max_t)."""
+        if "epochs" in self.space:
+            return max(int(value) for value in _candidates(self.space["epochs"]))
+        return int(self.fixed.get("epochs", _preset_value(self.preset, "epochs")))
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Read a YAML sweep spec and validate it completely; every problem is a one-line ConfigError."""
+    yaml = _require("yaml")
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such sweep spec; see examples/sweep-fast.yaml for one") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the sweep spec ({error})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem}); fix the syntax") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of spec keys (preset, metric, space, ...), "
+                          f"got {type(values).__name__}; see examples/sweep-fast.yaml")
+    try:
+        return parse_spec(values, name=path.stem.removeprefix("sweep-") or path.stem)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def parse_spec(values: dict[str, Any], name: str = "sweep") -> SweepSpec:
+    """Validate a spec given as a dict (what the YAML file holds) and fill in the defaults."""
+    from fmnist.train import PRESETS
+
+    for key in values:
+        if key not in SPEC_KEYS:
+            raise ConfigError(f"unknown spec key {key!r}{_did_you_mean(key, SPEC_KEYS)}; "
+                              f"the keys are {', '.join(SPEC_KEYS)}")
+    preset = values.get("preset")
+    if not isinstance(preset, str):
+        raise ConfigError(f"preset: name the base preset, e.g. `preset: fast` (one of {', '.join(PRESETS)})")
+    if preset not in PRESETS:
+        raise ConfigError(f"preset {preset!r} is unknown{_did_you_mean(preset, PRESETS)}; "
+                          f"choose one of {', '.join(PRESETS)}")
+    metric = values.get("metric", "val_accuracy")
+    if metric not in METRICS:
+        hint = "; pick on validation, never on the test set" if str(metric).startswith("test") else ""
+        raise ConfigError(f"metric {metric!r} is not one of {', '.join(METRICS)}{hint}")
+    search = values.get("search", "random")
+    if search not in DEFAULT_SAMPLES:
+        raise ConfigError(f"search {search!r} is not one of grid, random")
+    samples = values.get("samples", DEFAULT_SAMPLES[search])
+    if not _is_int(samples) or samples < 1:
+        what = "trials to draw" if search == "random" else "repeats of the full grid"
+        raise ConfigError(f"samples must be a positive integer ({what}), got {samples!r}")
+    trial_threads = values.get("trial_threads", 1)
+    if not _is_int(trial_threads) or trial_threads < 1:
+        raise ConfigError(f"trial_threads must be a positive integer (torch threads per trial), got {trial_threads!r}")
+    sampler_seed = values.get("sampler_seed", 0)
+    if not _is_int(sampler_seed):
+        raise ConfigError(f"sampler_seed must be an integer (it seeds the random search), got {sampler_seed!r}")
+    fixed = _settings(values.get("fixed") or {}, "fixed")
+    space = _space(values.get("space"), search)
+    both = sorted(set(fixed) & set(space))
+    if both:
+        raise ConfigError(f"{both[0]} is both fixed and searched; keep it under fixed or under space, not both")
+    spec = SweepSpec(preset=preset, metric=metric, search=search, samples=samples, fixed=fixed, space=space,
+                     asha=None, trial_threads=trial_threads, sampler_seed=sampler_seed,
+                     name=name)
+    _add_validation(spec)
+    if search == "grid" and samples > 1:
+        # Training is deterministic, so a repeat with the same seed would only duplicate a trial: repeats get seeds.
+        if "seed" in fixed or "seed" in space:
+            where = "fixed" if "seed" in fixed else "space"
+            raise ConfigError(f"samples: {samples} repeats the grid with training seeds 0, 1, ..., but {where}.seed "
+                              f"sets the seed, so the repeats would be identical; drop {where}.seed or set samples: 1")
+        base = _preset_value(preset, "seed")
+        spec.space["seed"] = {"grid": [base + repeat for repeat in range(samples)]}
+        spec.samples = 1
+    _check_trials(spec)
+    spec.asha = _asha(values.get("asha"), spec)
+    return spec
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _field_types() -> dict[str, str]:
+    from fmnist.train import TrainConfig
+
+    return {item.name: str(item.type) for item in dataclasses.fields(TrainConfig)}
+
+
+def _preset_value(preset: str, name: str) -> Any:
+    from fmnist.train import PRESETS, TrainConfig
+
+    if name in PRESETS[preset]:
+        return PRESETS[preset][name]
+    return getattr(TrainConfig(), name)
+
+
+def _check_setting(name: str, where: str) -> None:
+    if name == "preset":
+        raise ConfigError(f"{where}.preset: set the base preset at the top level of the spec (preset: fast)")
+    if name == "threads":
+        raise ConfigError(f"{where}.threads: set torch threads per trial with the top-level trial_threads key")
+    if name not in _field_types():
+        raise ConfigError(f"{where}: unknown setting {name!r}{_did_you_mean(name, _field_types())}; "
+                          "see the TrainConfig fields in fmnist.train")
+
+
+def _settings(values: Any, where: str) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, like `{where}: {{epochs: 6}}`")
+    for name in values:
+        _check_setting(str(name), where)
+    return dict(values)
+
+
+def _space(values: Any, search: str) -> dict[str, dict[str, Any]]:
+    if not values:
+        raise ConfigError("space is empty; name at least one setting to search, like `lr: {loguniform: [0.02, 0.5]}`")
+    if not isinstance(values, dict):
+        raise ConfigError("space must be a mapping of setting -> distribution, like `lr: {loguniform: [0.02, 0.5]}`")
+    types = _field_types()
+    space = {}
+    for name, distribution in values.items():
+        where = f"space.{name}"
+        _check_setting(str(name), "space")
+        if not isinstance(distribution, dict) or len(distribution) != 1:
+            raise ConfigError(f"{where}: give exactly one distribution, one of {', '.join(DISTRIBUTIONS)}, "
+                              f"like {{choice: [a, b]}}; put a single value under fixed instead")
+        (kind, args), = distribution.items()
+        if kind not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: unknown distribution {kind!r}{_did_you_mean(kind, DISTRIBUTIONS)}; "
+                              f"use one of {', '.join(DISTRIBUTIONS)}")
+        if kind in ("choice", "grid"):
+            if not isinstance(args, list) or not args:
+                raise ConfigError(f"{where}: {kind} needs a non-empty list of values, like {{{kind}: [0.0, 0.1]}}")
+        elif not isinstance(args, list) or len(args) != 2:
+            raise ConfigError(f"{where}: {kind} needs [low, high], like {{{kind}: [0.02, 0.5]}}")
+        else:
+            low, high = args
+            if kind == "randint":
+                if not (_is_int(low) and _is_int(high)) or low > high:
+                    raise ConfigError(f"{where}: randint needs integers [low, high] with low <= high (both included), "
+                                      f"got {args!r}")
+            elif not (_is_number(low) and _is_number(high)) or low >= high:
+                raise ConfigError(f"{where}: {kind} needs numbers [low, high] with low < high, got {args!r}")
+            elif kind == "loguniform" and low <= 0:
+                raise ConfigError(f"{where}: loguniform needs positive bounds, got {args!r}; use uniform to include 0")
+            elif types[name].startswith("int"):
+                raise ConfigError(f"{where}: {kind} draws fractional numbers but {name} takes integers; "
+                                  "use randint: [low, high] or choice")
+        if search == "random" and kind == "grid":
+            raise ConfigError(f"{where}: grid needs `search: grid` (random search draws values); "
+                              "use choice, or set search: grid")
+        if search == "grid" and kind != "grid":
+            raise ConfigError(f"{where}: search: grid takes only grid: [values]; list the values to try under grid, "
+                              "or use search: random")
+        space[str(name)] = {kind: list(args)}
+    return space
+
+
+def _candidates(distribution: dict[str, Any]) -> list[Any]:
+    """Values that exercise a distribution: every listed value, or both bounds of a range."""
+    return list(next(iter(distribution.values())))
+
+
+def _add_validation(spec: SweepSpec) -> None:
+    if not spec.metric.startswith("val_"):
+        return
+    if "validation" in spec.space:
+        values = _candidates(spec.space["validation"])
+    else:
+        values = [spec.fixed.get("validation", _preset_value(spec.preset, "validation"))]
+        if "validation" not in spec.fixed and not values[0]:
+            spec.fixed["validation"] = DEFAULT_VALIDATION
+            return
+    if any(value is not None and _is_number(value) and value <= 0 for value in values):
+        raise ConfigError(f"metric {spec.metric} needs a validation split; set validation to a positive number "
+                          f"of held-out images (e.g. {DEFAULT_VALIDATION}) or use metric: accuracy")
+
+
+def _check_trials(spec: SweepSpec) -> None:
+    """Every value in the space must make a valid TrainConfig: fail now, not in trial 7 an hour from now."""
+    from fmnist.train import resolve_config
+
+    base = {name: _candidates(distribution)[0] for name, distribution in spec.space.items()}
+    try:
+        resolve_config(spec.preset, spec.overrides(base))
+    except ConfigError as error:
+        raise ConfigError(f"the first trial's settings are invalid: {error}") from None
+    for name, distribution in spec.space.items():
+        for value in _candidates(distribution):
+            try:
+                resolve_config(spec.preset, spec.overrides({**base, name: value}))
+            except ConfigError as error:
+                raise ConfigError(f"space.{name} value {value!r}: {error}") from None
+
+
+def _asha(value: Any, spec: SweepSpec) -> dict[str, Any] | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"asha must be a mapping like {{grace_period: 1, reduction_factor: 2}}, true, or false; "
+                          f"got {value!r}")
+    for key in value:
+        if key not in ASHA_DEFAULTS:
+            raise ConfigError(f"asha: unknown key {key!r}{_did_you_mean(key, ASHA_DEFAULTS)}; "
+                              "the keys are grace_period, reduction_factor")
+    asha = {**ASHA_DEFAULTS, **value}
+    grace, factor = asha["grace_period"], asha["reduction_factor"]
+    if not _is_int(grace) or grace < 1:
+        raise ConfigError(f"asha.grace_period must be a positive integer (epochs before any stop), got {grace!r}")
+    if not _is_number(factor) or factor <= 1:
+        raise ConfigError(f"asha.reduction_factor must be a number above 1 (2 keeps the better half), got {factor!r}")
+    epochs = spec.max_epochs()
+    if grace >= epochs:
+        raise ConfigError(f"asha.grace_period {grace} leaves no epoch to stop at (trials train at most {epochs}); "
+                          f"lower it below {epochs} or set asha: false")
+    return asha
+
+
+# ----------------------------------------------------------------------------------------------- running
+def _plain(value: Any) -> Any:
+    """numpy scalars and tuples from Ray's samplers -> JSON/TrainConfig-friendly Python values."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return value.item()
+    return value
+
+
+def _trial_name(trial: Any) -> str:
+    """`trial-000`, `trial-001`, ... from Tune's trial id (`<uuid>_00001`)."""
+    suffix = str(trial.trial_id).rsplit("_", 1)[-1]
+    return f"trial-{int(suffix):03d}" if suffix.isdigit() else f"trial-{trial.trial_id}"
+
+
+def _trainable(params: dict[str, Any], *, arrays: tuple, settings: dict[str, Any]) -> None:
+    """One trial, run by Ray in a worker: a normal `train()` into its own run folder, reporting every epoch.
+
+    Each epoch is reported at a safe point, when the next epoch starts or after `train` returned: Tune stops a
+    trial by ending its process while it waits in `tune.report`, and there the resume checkpoint of the reported
+    epoch is already on disk (or the whole run folder, for the last epoch).
+    """
+    import numpy as np
+    from ray import tune
+
+    from fmnist.train import resolve_config, train
+
+    metric = settings["metric"]
+    overrides = {**settings["fixed"], **{k: _plain(v) for k, v in params.items()}, "threads": settings["threads"]}
+    config = resolve_config(settings["preset"], overrides)
+    run_dir = Path(settings["trials"]) / tune.get_context().get_trial_name()
+    # Arrays from Ray's object store are read-only views; torch warns about those, so give train() its own copy.
+    arrays = tuple((np.require(x, requirements="W"), np.require(y, requirements="W")) for x, y in arrays)
+    pending: list[dict[str, Any]] = []
+
+    def report(row: dict[str, Any], **extra: Any) -> None:
+        tune.report({metric: row[metric], "epoch": row["epoch"], "loss": row["loss"], "accuracy": row["accuracy"],
+                     **extra})
+
+    def progress(event: dict[str, Any]) -> None:
+        if event["event"] == "epoch_end":
+            pending.append({key: event[key] for key in (metric, "epoch", "loss", "accuracy")})
+        elif event["event"] == "epoch_start" and pending:
+            report(pending.pop())
+
+    result = train(config, out_dir=run_dir, arrays=arrays, progress=progress)
+    if pending:
+        report(pending.pop(), test_accuracy=result.metrics["test_accuracy"], finished=True)
+
+
+@contextlib.contextmanager
+def _muted(name: str) -> Iterator[None]:
+    """Silence a logger and its children for a while (expected noise, reported another way)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _finish_stopped(run_dir: Path, arrays: tuple) -> None:
+    """Turn a stopped trial's resume checkpoint into a full run folder, as Ctrl-C would have (same code path)."""
+    import torch
+
+    from fmnist.train import train
+
+    def stop_at_once(event: dict[str, Any]) -> None:
+        if event["event"] == "epoch_start":
+            raise KeyboardInterrupt  # train() keeps the last complete epoch and writes the run folder
+
+    threads = torch.get_num_threads()  # train() sets the trial's thread count process-wide
+    try:
+        with _muted("fmnist.train"):  # "interrupted; keeping the last complete epoch" is expected here
+            train(resume=run_dir, arrays=arrays, progress=stop_at_once)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _last_history_row(run_dir: Path) -> dict[str, str]:
+    try:
+        with (run_dir / "history.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError:
+        return {}
+    return rows[-1] if rows else {}
+
+
+def _error_text(error: BaseException) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # Ray colours the traceback's first line
+
+
+def _error_line(error: BaseException | None) -> str | None:
+    """The last line of a trial's traceback, `fmnist.errors.` dropped: what went wrong, in one line."""
+    if error is None:
+        return None
+    lines = [line.strip() for line in _error_text(error).splitlines() if line.strip()]
+    return lines[-1].removeprefix("fmnist.errors.") if lines else error.__class__.__name__
+
+
+def default_concurrency(trial_threads: int) -> int:
+    """Trials at once when not told: the cores divided by the threads per trial, at least one."""
+    return max(1, cpu_count() // trial_threads)
+
+
+def cpu_count() -> int:
+    """The cores this process may use (its CPU affinity where the OS has one, as in containers), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _trial_callback(progress: Callable[[dict[str, Any]], None] | None, metric: str, params: dict[str, dict],
+                    ended: set[str]) -> Any:
+    """A Tune callback that records each trial's params (a trial that fails before reporting has no result config)
+    and which trials ended (the rest were cut off by Ctrl-C), and passes trial events to `progress` (the CLI)."""
+    from ray.tune import Callback
+
+    emit = progress or (lambda event: None)
+
+    class Forward(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            params[_trial_name(trial)] = {name: _plain(value) for name, value in trial.config.items()}
+            emit({"event": "trial_start", "trial": _trial_name(trial), "params": params[_trial_name(trial)]})
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if metric in result:
+                emit({"event": "trial_result", "trial": _trial_name(trial), "epoch": result.get("epoch"),
+                      "metric": metric, "value": result[metric]})
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            ended.add(_trial_name(trial))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            ended.add(_trial_name(trial))
+            emit({"event": "trial_error", "trial": _trial_name(trial)})
+
+    return Forward()
+
+
+def _param_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    space = {}
+    for name, distribution in spec.space.items():
+        (kind, args), = distribution.items()
+        if kind == "grid":
+            space[name] = tune.grid_search(args)
+        elif kind == "choice":
+            space[name] = tune.choice(args)
+        elif kind == "uniform":
+            space[name] = tune.uniform(*args)
+        elif kind == "loguniform":
+            space[name] = tune.loguniform(*args)
+        else:
+            space[name] = tune.randint(args[0], args[1] + 1)  # the spec's high is included, Ray's is not
+    return space
+
+
+@contextlib.contextmanager
+def _local_ray(num_cpus: int) -> Iterator[Path]:
+    """A private Ray instance on this machine (no dashboard, no log forwarding), shut down and removed after."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home
+    # Tune's newer console output prints an experiment banner even at verbose=0; the classic one stays silent.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    scratch = Path(tempfile.mkdtemp(prefix="fmnist-ray-"))  # short: Ray's socket paths must fit in 107 bytes
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR, _temp_dir=str(scratch / "ray"))
+    try:
+        yield scratch
+    finally:
+        if owned:
+            ray.shutdown()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    arrays: tuple | None = None,
+    max_concurrent: int | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every trial with Ray Tune and write sweep.json, sweep.md and `best`; return the trials, best first.
+
+    The data is loaded once here and shared with the trials through Ray's object store. At most
+    `max_concurrent` trials run at once (default: the cores divided by `spec.trial_threads`), each with
+    `trial_threads` torch threads, so trials never oversubscribe the CPU. On Ctrl-C, Tune stops every trial;
+    the report is still written, the trials cut off marked `interrupted` (with their last complete epoch).
+    """
+    _require("ray.tune")
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from fmnist import data
+
+    out_dir = Path(out_dir).resolve()  # Tune runs trials in their own working directories
+    trials_dir = out_dir / "trials"
+    if trials_dir.is_dir() and any(trials_dir.iterdir()):
+        raise SweepError(f"{out_dir} already holds a sweep's trials; choose another --out or delete that folder")
+    if max_concurrent is None:
+        max_concurrent = default_concurrency(spec.trial_threads)
+    if not _is_int(max_concurrent) or max_concurrent < 1:
+        raise ConfigError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
+    if arrays is None:
+        arrays = data.load_data(data_dir)
+    _check_data_size(spec, arrays)
+    trials_dir.mkdir(parents=True, exist_ok=True)
+
+    cores = cpu_count()
+    started = time.perf_counter()
+    settings = {"preset": spec.preset, "fixed": spec.fixed, "metric": spec.metric, "threads": spec.trial_threads,
+                "trials": str(trials_dir)}
+    scheduler = None
+    if spec.asha:
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs(), grace_period=spec.asha["grace_period"],
+                                  reduction_factor=spec.asha["reduction_factor"])
+    params: dict[str, dict[str, Any]] = {}
+    ended: set[str] = set()
+    callbacks = [_trial_callback(progress, spec.metric, params, ended)]
+    with _local_ray(cores) as scratch:
+        trainable = tune.with_resources(tune.with_parameters(_trainable, arrays=arrays, settings=settings),
+                                        {"cpu": min(spec.trial_threads, cores)})
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(spec),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, scheduler=scheduler, num_samples=spec.samples,
+                # Tune ignores max_concurrent_trials when given a search algorithm: the generator limits itself.
+                search_alg=BasicVariantGenerator(max_concurrent=max_concurrent, random_state=spec.sampler_seed),
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=spec.name, storage_path=str(scratch / "tune"), verbose=0,
+                                      callbacks=callbacks),
+        )
+        with _muted("ray.tune"):  # Tune logs every failed trial's traceback; sweep.json and error.txt keep them
+            grid = tuner.fit()
+        outcomes = [(Path(result.path).name, result.error) for result in grid]
+    trials = [_collect(trials_dir / name, params.get(name), error, name in ended, arrays, spec)
+              for name, error in outcomes]
+    trials = rank(trials, spec.mode)
+    write_report(out_dir, spec, trials, seconds=time.perf_counter() - started, max_concurrent=max_concurrent)
+    if not any(trial["status"] in ("completed", "stopped early", "interrupted") for trial in trials):
+        first = next((t["error"] for t in trials if t.get("error")), "no trial finished an epoch")
+        raise SweepError(f"every trial failed (see {out_dir / 'sweep.json'}); the first error: {first}")
+    return trials
+
+
+def _check_data_size(spec: SweepSpec, arrays: tuple) -> None:
+    """A validation split as large as the training set would fail every trial; say so before starting Ray."""
+    if {"validation", "train_subset", "split"} & set(spec.space):
+        return
+    fixed = {name: spec.fixed.get(name, _preset_value(spec.preset, name))
+             for name in ("validation", "train_subset", "split")}
+    if fixed["split"] != "standard":
+        return
+    size = min(fixed["train_subset"] or len(arrays[0][1]), len(arrays[0][1]))
+    if fixed["validation"] and fixed["validation"] >= size:
+        raise ConfigError(f"validation {fixed['validation']} leaves no training images (of {size}); "
+                          "set a smaller validation under fixed")
+
+
+def _collect(run_dir: Path, params: dict[str, Any] | None, error: BaseException | None, ended: bool,
+             arrays: tuple, spec: SweepSpec) -> dict[str, Any]:
+    """One trial's row for the report; a trial stopped early (by ASHA, or by Ctrl-C: `ended` False) gets its
+    last complete epoch turned into a run folder first."""
+    params = {name: _plain(value) for name, value in (params or {}).items()}
+    row: dict[str, Any] = {"trial": run_dir.name, "run": f"trials/{run_dir.name}", "params": params,
+                           "metric": None, "epochs_run": 0, "epochs_planned": None, "status": "failed",
+                           "stopped_early": False, "test_accuracy": None, "train_seconds": None,
+                           "error": _error_line(error), "best": False}
+    if error is not None:  # the whole traceback, since Tune's own records are temporary
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(run_dir / "error.txt", _error_text(error) + "\n")
+        row["error"] += f" (traceback in {row['run']}/error.txt)"
+        return row
+    finished = (run_dir / checkpoint.META_FILE).exists()
+    if not finished and (run_dir / "resume.json").exists():
+        try:
+            _finish_stopped(run_dir, arrays)
+        except FmnistError as failure:
+            row["error"] = str(failure)
+    metrics = _read_json(run_dir / "metrics.json")
+    if metrics is None or not (run_dir / checkpoint.META_FILE).exists():
+        row["status"] = "failed" if ended else "interrupted"
+        row["error"] = row["error"] or "the trial ended before finishing an epoch"
+        return row
+    try:
+        value: float | None = float(_last_history_row(run_dir).get(spec.metric, ""))
+    except ValueError:
+        value = None
+    if value is not None and not math.isfinite(value):
+        value = None  # a diverged trial ranks last (and NaN is not JSON)
+    status = "completed" if finished else "stopped early" if ended else "interrupted"
+    row.update(metric=value, epochs_run=metrics.get("epochs_run"), epochs_planned=metrics.get("epochs_planned"),
+               status=status, stopped_early=not finished, test_accuracy=metrics.get("test_accuracy"),
+               train_seconds=metrics.get("train_seconds"), error=None)
+    return row
+
+
+def rank(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Best first by the metric (trials without one last), with `best` set on the first trial that has one."""
+    sign = -1.0 if mode == "max" else 1.0
+    ranked = sorted(copy.deepcopy(trials), key=lambda t: (t["metric"] is None, sign * (t["metric"] or 0.0)))
+    for position, trial in enumerate(ranked, 1):
+        trial["rank"], trial["best"] = position, False
+    if ranked and ranked[0]["metric"] is not None:
+        ranked[0]["best"] = True
+    return ranked
+
+
+# ----------------------------------------------------------------------------------------------- the report
+def format_params(params: dict[str, Any]) -> str:
+    """`lr=0.1234 widths=16,32,64`: short and stable, for tables."""
+    parts = []
+    for name, value in sorted(params.items()):
+        if isinstance(value, list):
+            shown = ",".join(str(item) for item in value)
+        elif isinstance(value, float):
+            shown = f"{value:.4g}"
+        else:
+            shown = str(value)
+        parts.append(f"{name}={shown}")
+    return " ".join(parts)
+
+
+def write_report(out_dir: Path, spec: SweepSpec, trials: list[dict[str, Any]], seconds: float = 0.0,
+                 max_concurrent: int | None = None) -> None:
+    """sweep.json, sweep.md and the `best` link (each written atomically)."""
+    import ray
+
+    best = next((trial for trial in trials if trial["best"]), None)
+    checkpoint.write_json(out_dir / "sweep.json", {
+        "spec": spec.to_dict(), "metric": spec.metric, "mode": spec.mode,
+        "best": best["trial"] if best else None,
+        "trials": trials, "seconds": round(seconds, 1), "max_concurrent": max_concurrent, "ray": ray.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    checkpoint.atomic_write_text(out_dir / "sweep.md", _markdown(spec, trials, seconds))
+    if best:
+        _point_best(out_dir, Path("trials") / best["trial"])
+
+
+def _markdown(spec: SweepSpec, trials: list[dict[str, Any]], seconds: float) -> str:
+    direction = "higher" if spec.mode == "max" else "lower"
+    asha = (f"ASHA (grace period {spec.asha['grace_period']}, reduction factor {spec.asha['reduction_factor']})"
+            if spec.asha else "no early stopping")
+    lines = [f"# Sweep {spec.name}", "",
+             f"{len(trials)} trial{'s' if len(trials) != 1 else ''} of preset `{spec.preset}`, {spec.search} search, "
+             f"{asha}, ranked by "
+             f"`{spec.metric}` ({direction} is better), {seconds:.0f} s in all.", ""]
+    if spec.fixed:
+        lines += [f"Fixed for every trial: {format_params(spec.fixed)}", ""]
+    lines += [f"| rank | trial | {spec.metric} | epochs | status | test accuracy | params |",
+              "| ---: | --- | ---: | ---: | --- | ---: | --- |"]
+    for trial in trials:
+        name = f"**{trial['trial']}** (best)" if trial["best"] else trial["trial"]
+        value = f"{trial['metric']:.4f}" if trial["metric"] is not None else "-"
+        test = f"{trial['test_accuracy']:.4f}" if trial["test_accuracy"] is not None else "-"
+        epochs = f"{trial['epochs_run']}/{trial['epochs_planned']}" if trial["epochs_planned"] else "-"
+        status = trial["status"] + (f": {trial['error']}" if trial.get("error") else "")
+        lines.append(f"| {trial['rank']} | {name} | {value} | {epochs} | {status.replace('|', '/')} | {test} | "
+                     f"{format_params(trial['params'])} |")
+    lines += ["", "Each trial is a run folder under `trials/`; `best` points at the best one."]
+    return "\n".join(lines) + "\n"
+
+
+def _point_best(out_dir: Path, target: Path) -> None:
+    """`best` -> trials/<trial>, a relative symlink swapped in atomically; a text file where symlinks fail."""
+    link = out_dir / "best"
+    temporary = out_dir / f".best.{os.getpid()}.tmp"
+    try:
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(target, target_is_directory=True)
+        if link.is_dir() and not link.is_symlink():
+            raise OSError(f"{link} is a real folder")
+        os.replace(temporary, link)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        if not link.is_dir():
+            checkpoint.atomic_write_text(link, f"{target.as_posix()}\n")
