@@ -54,7 +54,8 @@ def markdown(report: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in report["runs"]:
         plural = "es" if row["processes"] > 1 else ""
-        setup = f"{row['processes']} process{plural} x {row['threads_per_process']} thread"
+        threads = "thread" if row["threads_per_process"] == 1 else "threads"
+        setup = f"{row['processes']} process{plural} x {row['threads_per_process']} {threads}"
         lines.append(f"| {row['preset']} | {setup} | {row['global_batch']} | {row['train_seconds']:.1f} | "
                      f"{row['images_per_s']:,.0f} | {row['speedup']:.2f}x | "
                      f"{row['efficiency']:.0%} | {row['test_accuracy']:.2%} |")
