@@ -148,8 +148,9 @@ plots.embedding_maps(pixel_map, feature_map, y_test[chosen], predicted, method);
 
 def notebook() -> dict:
     cells = []
-    for kind, source in CELLS:
-        cell = {"cell_type": kind, "metadata": {}, "source": source.splitlines(keepends=True)}
+    for index, (kind, source) in enumerate(CELLS):
+        cell = {"cell_type": kind, "id": f"tour-{index:02d}", "metadata": {},
+                "source": source.splitlines(keepends=True)}
         if kind == "code":
             cell.update(execution_count=None, outputs=[])
         cells.append(cell)

@@ -128,7 +128,7 @@ class Classifier(Predictor):
 
     def _scaled(self, array: np.ndarray) -> torch.Tensor:
         """Checked images to the model's input: one float copy, then the scaling in place (never the caller's array)."""
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32, copy=True)
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # a fresh, writable copy
         if array.dtype == np.uint8:
             tensor.div_(255.0)
         if self._mean != 0.0 or self._std != 1.0:
