@@ -84,8 +84,8 @@ print(report["most_confused"][:3])"""),
 
 A dense network sees 784 unrelated numbers; a convolutional one looks at small patches everywhere in the image,
 so it learns edges and textures once and uses them anywhere. The `fast` preset (batch norm, one-cycle learning
-rate, flips) reaches about 92% in a minute on the full data; here 2 epochs on 20,000 images."""),
-    ("code", """cnn = train(resolve_config("fast", {"epochs": 2, "train_subset": 20000, "validation": 2000}),
+rate, flips) reaches about 92% in a minute on the full data; here 3 epochs on 30,000 images."""),
+    ("code", """cnn = train(resolve_config("fast", {"epochs": 3, "train_subset": 30000, "validation": 2000}),
             out_dir="runs/tour-cnn")
 for name, result in (("dense", dense), ("cnn", cnn)):
     print(f"{name:>5}: test accuracy {result.metrics['test_accuracy']:.2%}, "

@@ -35,11 +35,10 @@ def penultimate_features(classifier: Classifier, images: np.ndarray, batch_size:
 
 
 def available_methods() -> list[str]:
-    try:
-        import umap  # noqa: F401
-    except ImportError:
-        return ["tsne"]
-    return ["umap", "tsne"]
+    """UMAP first when umap-learn is installed (looked up without importing it: the import is slow)."""
+    import importlib.util
+
+    return ["umap", "tsne"] if importlib.util.find_spec("umap") is not None else ["tsne"]
 
 
 def embed_2d(features: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
