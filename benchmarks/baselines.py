@@ -26,7 +26,6 @@ to a temporary folder (or `--out DIR`), never over the real results.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -38,6 +37,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from _machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -80,10 +81,7 @@ def classifiers(seed: int = 0) -> dict[str, tuple[Any, str]]:
 
 def machine() -> dict[str, Any]:
     """CPU model, cores, versions and load: the context every number needs."""
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "scikit-learn": metadata.version("scikit-learn"), "numpy": metadata.version("numpy"),
             "load_average_at_start": os.getloadavg()}

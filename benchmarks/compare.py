@@ -24,7 +24,6 @@ benchmarks/results/compare.md (the table), and prints the table. `--tiny` writes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -37,6 +36,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from _machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "benchmarks" / "peers"
@@ -341,10 +342,7 @@ def fast_summary(fast_runs: list[dict[str, Any]], keras_cnn: dict[str, Any] | No
 # ----------------------------------------------------------------------------------------------- report
 def machine() -> dict[str, Any]:
     """CPU model, cores, library versions and load: the context every number needs."""
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+    cpu = cpu_name()
 
     def version(name: str) -> str | None:
         try:

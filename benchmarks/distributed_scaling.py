@@ -23,6 +23,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _machine import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -81,13 +83,11 @@ def main() -> int:
             print(f"{preset:>13} {row['processes']} proc x {row['threads_per_process']} thr: "
                   f"{row['images_per_s']:8,.0f} img/s  speed-up {row['speedup']:.2f}x  "
                   f"test {row['test_accuracy']:.4f}", flush=True)
-    import platform
 
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
+              "cores": os.cpu_count(),
               "torch": torch.__version__,
               "command": "python benchmarks/distributed_scaling.py " + " ".join(sys.argv[1:]),
               "runs": runs}

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_name
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,7 +222,7 @@ def main() -> int:
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
         "run": str(args.run), "model": model, "server_threads": args.threads,
         "clients_note": "asyncio keep-alive connections in one separate process, PNG multipart uploads",
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__},
         "scenarios": rows,
     }
@@ -245,16 +246,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

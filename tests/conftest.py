@@ -125,3 +125,18 @@ def use_real_data(monkeypatch, real_data_source) -> data.DataSource:
     if real_data_source.origin != "debian":
         monkeypatch.setenv("FMNIST_DATA", str(real_data_source.path))
     return real_data_source
+
+
+@pytest.fixture(scope="session")
+def real_mlp_run(tmp_path_factory, real_data_source) -> Path:
+    """A small calibrated MLP trained for seconds on real images (~84% test accuracy), shared by the service tests.
+
+    Tests only read it; a test that changes a run trains its own.
+    """
+    from fmnist import train as training
+
+    folder = tmp_path_factory.mktemp("real-mlp") / "run"
+    config = training.resolve_config("classic-adam", {"epochs": 2, "train_subset": 5000, "test_subset": 1000,
+                                                      "validation": 500})
+    training.train(config, out_dir=folder, data_dir=real_data_source.path)
+    return folder

@@ -41,6 +41,8 @@ def run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 
 def load_compare():
+    if str(COMPARE.parent) not in sys.path:  # as when run as a script: its sibling `_machine` is importable
+        sys.path.insert(0, str(COMPARE.parent))
     spec = importlib.util.spec_from_file_location("compare", COMPARE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -20,7 +20,6 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 from fastapi.testclient import TestClient  # noqa: E402
 
 from fmnist import data, images  # noqa: E402
-from fmnist import train as training  # noqa: E402
 from fmnist.cli import main  # noqa: E402
 from fmnist.predict import Classifier  # noqa: E402
 from fmnist.serve import WEB_DIR, Batcher, ServeSettings, create_app, latest_run  # noqa: E402
@@ -33,12 +32,8 @@ def test_images(real_data_source):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, real_data_source):
-    folder = tmp_path_factory.mktemp("serve") / "run"
-    config = training.resolve_config("classic-adam", {"epochs": 2, "train_subset": 5000, "test_subset": 1000,
-                                                      "validation": 500})
-    training.train(config, out_dir=folder, data_dir=real_data_source.path)
-    return folder
+def run(real_mlp_run):
+    return real_mlp_run
 
 
 @pytest.fixture(scope="module")

@@ -398,12 +398,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    import csv
-
     import numpy as np
 
     from fmnist import evaluate, plots
     from fmnist.predict import Classifier
+    from fmnist.runs import read_history
 
     run = Path(args.run)
     classifier = Classifier.load(run)
@@ -411,11 +410,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     probabilities = classifier.predict_proba(x_test)
     out = run / "plots"
     written = []
-    history_path = run / "history.csv"
-    if history_path.exists():
-        with history_path.open() as handle:
-            history = [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-                       for row in csv.DictReader(handle)]
+    history = read_history(run)
+    if history:
         written.append(plots.save_figure(plots.training_curves(history), out / "curves.png"))
     report = evaluate.classification_report(probabilities, y_test, classifier.classes)
     written.append(plots.save_figure(plots.confusion_matrix(np.array(report["confusion_matrix"]), classifier.classes),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
 import difflib
 import importlib
@@ -44,6 +43,7 @@ from typing import Any
 
 from fmnist import checkpoint
 from fmnist.errors import ConfigError, FmnistError
+from fmnist.runs import read_history
 
 INSTALL_HINT = "pip install 'fmnist[sweep]'"
 METRICS = {"val_accuracy": "max", "val_loss": "min", "accuracy": "max", "loss": "min"}
@@ -431,15 +431,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _last_history_row(run_dir: Path) -> dict[str, str]:
-    try:
-        with (run_dir / "history.csv").open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except OSError:
-        return {}
-    return rows[-1] if rows else {}
-
-
 def _error_text(error: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # Ray colours the traceback's first line
 
@@ -645,10 +636,8 @@ def _collect(run_dir: Path, params: dict[str, Any] | None, error: BaseException 
         row["status"] = "failed" if ended else "interrupted"
         row["error"] = row["error"] or "the trial ended before finishing an epoch"
         return row
-    try:
-        value: float | None = float(_last_history_row(run_dir).get(spec.metric, ""))
-    except ValueError:
-        value = None
+    history = read_history(run_dir)
+    value: float | None = history[-1].get(spec.metric) if history else None
     if value is not None and not math.isfinite(value):
         value = None  # a diverged trial ranks last (and NaN is not JSON)
     status = "completed" if finished else "stopped early" if ended else "interrupted"

@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 
 from fmnist import data
-from fmnist import train as training
 from fmnist.predict import Classifier
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
@@ -43,12 +42,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, real_data_source):
-    folder = tmp_path_factory.mktemp("browser") / "run"
-    config = training.resolve_config("classic-adam", {"epochs": 2, "train_subset": 5000, "test_subset": 1000,
-                                                      "validation": 500})
-    training.train(config, out_dir=folder, data_dir=real_data_source.path)
-    return folder
+def run(real_mlp_run):
+    return real_mlp_run
 
 
 @pytest.fixture(scope="module")
