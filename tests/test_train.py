@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -136,6 +137,10 @@ def test_run_folder_contents(arrays, tmp_path):
     assert meta["architecture"] == {"name": "mlp", "config": {"hidden": [300, 100], "dropout": 0.0}}
     assert meta["classes"][6] == "Shirt" and meta["normalization"]["std"] == 1.0
     assert not list(run.glob(".*.tmp"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("model.safetensors", "model.json", "metrics.json"):  # readable like any file the user makes
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_checkpoint_round_trip_in_a_fresh_process(arrays, tmp_path):

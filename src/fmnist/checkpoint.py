@@ -25,6 +25,11 @@ from fmnist.models import create_model
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
+# Temporary files are created 0600; the renamed file gets the mode a plain open() would give (0666 minus the
+# umask), so a model trained by one user can be served by another. The umask is read once, at import.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
@@ -36,6 +41,8 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
         with handle:
             handle.write(payload)
             handle.flush()
+            if hasattr(os, "fchmod"):  # POSIX
+                os.fchmod(handle.fileno(), FILE_MODE)
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
     except BaseException:

@@ -27,6 +27,12 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- data
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    from fmnist.devices import DEVICE_HELP
+
+    parser.add_argument("--device", default="auto", help=f"where to compute: {DEVICE_HELP}")
+
+
 def _cmd_data_info(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -176,8 +182,11 @@ class _ProgressPrinter:
             return
         if kind == "start":
             config = event["config"]
+            processes = event["processes"]
+            where = event["device"] + (f" and {processes - 1} more processes" if processes > 1 else "")
             print(f"training {config.preset} ({config.model}, {event['parameters']:,} parameters) on "
-                  f"{event['train_size']:,} images, {event['epochs']} epochs of {event['steps_per_epoch']} steps")
+                  f"{event['train_size']:,} images, {event['epochs']} epochs of {event['steps_per_epoch']} steps, "
+                  f"on {where}")
             if sys.stderr.isatty():
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -223,7 +232,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     printer = _ProgressPrinter(args.quiet or not is_main_process())
     try:
-        result = train.train(config, out_dir=out_dir, data_dir=args.data_dir, resume=args.resume, progress=printer)
+        result = train.train(config, out_dir=out_dir, data_dir=args.data_dir, resume=args.resume, progress=printer,
+                             device=args.device)
     finally:
         printer.close()
     if not is_main_process():  # under torchrun, rank 0 reports and writes for the whole group
@@ -259,7 +269,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fmnist.checkpoint import write_json
     from fmnist.predict import Classifier
 
-    classifier = Classifier.load(args.run)
+    classifier = Classifier.load(args.run, device=args.device)
     x_test, y_test = _test_set(classifier, args.data_dir)
     report = evaluate.classification_report(classifier.predict_proba(x_test), y_test, classifier.classes)
     report_tta = evaluate.classification_report(classifier.predict_proba(x_test, tta=True), y_test, classifier.classes)
@@ -371,7 +381,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if not args.files and not args.index:
         raise ConfigError("give image files or folders to predict, or --index N for test images")
-    classifier = Classifier.load(args.run)
+    classifier = Classifier.load(args.run, device=args.device)
     if args.files:
         return _predict_files(args, classifier)
     x_test, y_test = _test_set(classifier, args.data_dir)
@@ -661,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   help=f"{text} (default: the preset's)")
     train_parser.add_argument("--track-test", action="store_true",
                               help="also measure test accuracy after every epoch (benchmarks)")
+    _add_device(train_parser)
     train_parser.add_argument("--dry-run", action="store_true", help="1 epoch on 512 images: a quick smoke test")
     train_parser.add_argument("--no-plots", action="store_true", help="do not draw the training curves")
     train_parser.add_argument("-q", "--quiet", action="store_true", help="print nothing while training")
@@ -671,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           formatter_class=_Formatter)
     evaluate_parser.add_argument("run", help="run folder")
     evaluate_parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    _add_device(evaluate_parser)
     _add_data_dir(evaluate_parser)
     evaluate_parser.set_defaults(func=_cmd_evaluate)
 
@@ -683,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("files", nargs="*", help="image files or folders")
     predict_parser.add_argument("--index", type=int, nargs="+", default=None, help="test image indices")
     predict_parser.add_argument("--top", type=int, default=3, help="classes to show per image")
+    _add_device(predict_parser)
     output = predict_parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="machine-readable output")
     output.add_argument("--csv", metavar="OUT", default=None, help="write one CSV row per file")

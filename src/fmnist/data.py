@@ -382,29 +382,36 @@ def augment_batch(x, generator, flip: bool = True, translate: int = 0, erase: fl
     """Random horizontal flips, translations by up to `translate` pixels (zero fill) and random erasing.
 
     `fill` is the value of a black pixel after normalisation. Works on a whole (n, 1, 28, 28) batch at once
-    with gathers, so augmentation costs no Python loop per image.
+    with gathers, so augmentation costs no Python loop per image. The random numbers come from `generator` (a CPU
+    generator) and then move to the batch's device, so a seed gives the same augmentation on a CPU and a GPU.
     """
     import torch
 
     n, _, height, width = x.shape
+    device = x.device
+
+    def draw(tensor):
+        return tensor.to(device)
+
     if flip:
-        mirror = torch.rand(n, generator=generator) < 0.5
+        mirror = draw(torch.rand(n, generator=generator)) < 0.5
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
     if translate:
         padded = torch.nn.functional.pad(x, (translate,) * 4, value=fill)
-        dy = torch.randint(0, 2 * translate + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * translate + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(height))[:, None, :, None].expand(n, 1, height, width + 2 * translate)
+        dy = draw(torch.randint(0, 2 * translate + 1, (n,), generator=generator))
+        dx = draw(torch.randint(0, 2 * translate + 1, (n,), generator=generator))
+        rows = (dy[:, None] + torch.arange(height, device=device))[:, None, :, None]
+        rows = rows.expand(n, 1, height, width + 2 * translate)
         x = padded.gather(2, rows)
-        cols = (dx[:, None] + torch.arange(width))[:, None, None, :].expand(n, 1, height, width)
+        cols = (dx[:, None] + torch.arange(width, device=device))[:, None, None, :].expand(n, 1, height, width)
         x = x.gather(3, cols)
     if erase:
         size = max(1, int(round(height * erase)))
-        top = torch.randint(0, height - size + 1, (n,), generator=generator)
-        left = torch.randint(0, width - size + 1, (n,), generator=generator)
-        apply = torch.rand(n, generator=generator) < 0.5
-        r = torch.arange(height)
-        c = torch.arange(width)
+        top = draw(torch.randint(0, height - size + 1, (n,), generator=generator))
+        left = draw(torch.randint(0, width - size + 1, (n,), generator=generator))
+        apply = draw(torch.rand(n, generator=generator)) < 0.5
+        r = torch.arange(height, device=device)
+        c = torch.arange(width, device=device)
         inside = ((r[None, :, None] >= top[:, None, None]) & (r[None, :, None] < (top + size)[:, None, None])
                   & (c[None, None, :] >= left[:, None, None]) & (c[None, None, :] < (left + size)[:, None, None]))
         x = x.masked_fill((inside & apply[:, None, None])[:, None], fill)

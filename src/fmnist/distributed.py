@@ -4,6 +4,7 @@
 augmentation for each global batch, and trains on its own contiguous slice of it; DDP averages the gradients, so
 N processes with a global batch B take the same steps as one process with batch B. Metrics and stop requests are
 summed across ranks at fixed points, so all ranks always agree on when to stop. Only rank 0 prints and writes.
+The backend follows the device: gloo for CPU processes, NCCL when each process drives its own CUDA GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Context:
     world: int
     backend: str
     owns_group: bool  # we initialised the process group, so we tear it down
+    device: torch.device = torch.device("cpu")  # this rank's device; collectives run on it (NCCL needs the GPU)
 
     @property
     def main(self) -> bool:
@@ -42,20 +44,36 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def setup(threads: int | None = None) -> Context | None:
-    """Join the group torchrun describes in the environment (gloo: training runs on the CPU); None when alone."""
+def backend_for(device: torch.device) -> str:
+    """NCCL between GPUs (it moves gradients GPU to GPU), gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def setup(threads: int | None = None, device: torch.device | None = None) -> Context | None:
+    """Join the group torchrun describes in the environment; None when alone.
+
+    `device` is this rank's device (`fmnist.devices.resolve_device` gives each rank the GPU of its local rank).
+    """
     if not launched_by_torchrun():
         return None
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed; run without torchrun")
+    device = device or torch.device("cpu")
+    backend = backend_for(device)
+    if backend == "nccl" and not dist.is_nccl_available():
+        raise ConfigError("this torch build has no NCCL for multi-GPU training; use --device cpu (gloo)")
     owns = not dist.is_initialized()
     if owns:
         seconds = int(os.environ.get("FMNIST_DIST_TIMEOUT", "300"))
-        dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # before NCCL starts, or every rank's communicator lands on GPU 0
+            dist.init_process_group(backend, timeout=timedelta(seconds=seconds), device_id=device)
+        else:
+            dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
     if threads is None:
         # torch's default is one thread per core in *each* process: N processes would fight over the cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-    return Context(dist.get_rank(), dist.get_world_size(), dist.get_backend(), owns)
+    return Context(dist.get_rank(), dist.get_world_size(), dist.get_backend(), owns, device)
 
 
 def check_batch(context: Context | None, batch_size: int) -> None:
@@ -68,7 +86,8 @@ def wrap(context: Context | None, model: nn.Module) -> nn.Module:
     """The module to train through: DDP (which broadcasts rank 0's weights now and averages gradients) or the model."""
     if context is None:
         return model
-    return nn.parallel.DistributedDataParallel(model, broadcast_buffers=True)
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True)
 
 
 def shard(context: Context | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -82,7 +101,7 @@ def sum_across(context: Context | None, values: list[float]) -> list[float]:
     """Element-wise sums over all ranks (one all-reduce); the values themselves when alone."""
     if context is None:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
     dist.all_reduce(tensor)
     return tensor.tolist()
 

@@ -31,7 +31,7 @@ def penultimate_features(classifier: Classifier, images: np.ndarray, batch_size:
         hook.remove()
     if not captured:
         return np.zeros((0, heads[-1].in_features), np.float32)
-    return torch.cat(captured).float().flatten(1).numpy()
+    return torch.cat(captured).float().flatten(1).cpu().numpy()
 
 
 def available_methods() -> list[str]:

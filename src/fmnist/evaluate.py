@@ -19,21 +19,25 @@ from fmnist.data import CLASS_NAMES
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, tta: bool = False) -> torch.Tensor:
-    """Logits (or, with `tta`, log of the flip-averaged probabilities) for a prepared input tensor."""
+    """Logits (or, with `tta`, log of the flip-averaged probabilities) for a prepared input tensor.
+
+    Batches move to the model's device and the logits come back to the CPU, wherever `x` and the model live.
+    """
     was_training = model.training
     model.eval()
     outputs = []
     channels_last = _is_channels_last(model)
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size]
+            batch = x[start:start + batch_size].to(device)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             logits = model(batch).float()
             if tta:
                 mirrored = model(batch.flip(-1)).float()
                 logits = torch.log((F.softmax(logits, 1) + F.softmax(mirrored, 1)) / 2)
-            outputs.append(logits)
+            outputs.append(logits.cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
 
@@ -49,6 +53,7 @@ def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_
                       tta: bool = False) -> tuple[float, float]:
     """Mean cross-entropy and accuracy on a prepared tensor set."""
     logits = predict_logits(model, x, batch_size, tta)
+    y = y.cpu()
     loss = F.nll_loss(logits, y).item() if tta else F.cross_entropy(logits, y).item()
     return loss, (logits.argmax(1) == y).float().mean().item()
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from fmnist.checkpoint import load_model
 from fmnist.data import CLASS_NAMES
+from fmnist.devices import resolve_device
 from fmnist.errors import ImageError
 
 UNSURE_BELOW = 0.5  # a calibrated top probability under this is reported as "unsure"
@@ -103,11 +104,15 @@ class Predictor:
 
 
 class Classifier(Predictor):
-    """A loaded torch model plus the metadata it was saved with (classes, normalisation, metrics)."""
+    """A loaded torch model plus the metadata it was saved with (classes, normalisation, metrics).
 
-    def __init__(self, model: nn.Module, meta: dict[str, Any]):
+    `device` ("cpu", "auto", "cuda", "cuda:N") is where the forward passes run; inputs and answers stay NumPy.
+    """
+
+    def __init__(self, model: nn.Module, meta: dict[str, Any], device: str | torch.device = "cpu"):
         super().__init__(meta)
-        self.model = model.eval()
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.model = model.to(self.device).eval()
         norm = meta.get("normalization", {"scale": 1 / 255, "mean": 0.0, "std": 1.0})
         self._mean, self._std = float(norm["mean"]), float(norm["std"])
         self._channels_last = bool(meta.get("channels_last", False))
@@ -115,10 +120,10 @@ class Classifier(Predictor):
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> Classifier:
+    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
         """Load a run folder written by `fmnist train` (safetensors + JSON, nothing executable)."""
         model, meta = load_model(run_dir)
-        classifier = cls(model, meta)
+        classifier = cls(model, meta, device)
         classifier.run_dir = Path(run_dir)
         return classifier
 
@@ -134,7 +139,9 @@ class Classifier(Predictor):
         if self._mean != 0.0 or self._std != 1.0:
             tensor.sub_(self._mean).div_(self._std)
         tensor = tensor.unsqueeze(1)
-        return tensor.contiguous(memory_format=torch.channels_last) if self._channels_last else tensor
+        if self._channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor.to(self.device)
 
     def _batches(self, images: np.ndarray, batch_size: int):
         """Model inputs chunk by chunk: small tensors stay in cache, and no full-size float copy is made."""
@@ -145,7 +152,7 @@ class Classifier(Predictor):
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Raw model outputs, shape (n, 10)."""
         with torch.inference_mode():
-            outputs = [self.model(batch).float() for batch in self._batches(images, batch_size)]
+            outputs = [self.model(batch).float().cpu() for batch in self._batches(images, batch_size)]
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 256, tta: bool = False,
@@ -163,5 +170,5 @@ class Classifier(Predictor):
                 if tta:
                     mirrored = F.softmax(self.model(batch.flip(-1)).float() / temperature, dim=1)
                     probabilities = (probabilities + mirrored) / 2
-                outputs.append(probabilities)
+                outputs.append(probabilities.cpu())
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from fmnist import checkpoint, data, distributed, evaluate
+from fmnist import checkpoint, data, devices, distributed, evaluate
 from fmnist.errors import ConfigError, ModelFileError
 from fmnist.models import count_parameters, create_model
 
@@ -69,7 +69,7 @@ class TrainConfig:
     stop_at: float | None = None  # stop as soon as `monitor` reaches this value (the Keras 95% callback)
     patience: int = 0  # stop when `monitor` has not improved for N epochs, restoring the best weights
     monitor: str = "accuracy"  # accuracy | val_accuracy | val_loss
-    precision: str = "fp32"  # fp32 | bf16 (CPU autocast) | auto (bf16 where the CPU has AMX tiles, else fp32)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 on CPUs with AMX tiles and on GPUs, else fp32)
     channels_last: bool = False
     threads: int | None = None  # torch intra-op threads; None = torch's default
     seed: int = 0
@@ -228,14 +228,12 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.lr * max(0.0, 1.0 - progress)  # onecycle: linear decay to zero after the warm-up
 
 
-def resolve_precision(precision: str) -> str:
-    """"auto" -> "bf16" on CPUs with AMX tiles (bf16 convolutions measured 1.6-4x faster there), else "fp32"."""
+def resolve_precision(precision: str, device: torch.device | None = None) -> str:
+    """"auto" -> "bf16" on CPUs with AMX tiles (bf16 convolutions measured 1.6-4x faster there) and on GPUs with
+    bf16 units, else "fp32"."""
     if precision != "auto":
         return precision
-    try:
-        return "bf16" if torch.cpu._is_amx_tile_supported() else "fp32"
-    except AttributeError:  # older torch without the probe
-        return "fp32"
+    return "bf16" if devices.supports_bf16(device or torch.device("cpu")) else "fp32"
 
 
 def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -329,12 +327,15 @@ def _write_history_csv(path: Path, history: list[dict[str, Any]]) -> None:
 def _save_resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                  state: dict[str, Any]) -> None:
     """Everything needed to continue bit-for-bit: weights, optimiser moments, RNG states (tensors + plain JSON)."""
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     optimizer_state = optimizer.state_dict()
     for index, slots in optimizer_state["state"].items():
         for key, value in slots.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous()
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous().cpu()
     tensors["rng.torch"] = torch.get_rng_state()
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # dropout draws from the GPU's generator
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     tensors["rng.generator"] = generator.get_state()
     metadata = {"epoch": str(state["epoch"])}  # checked against resume.json: both files from the same epoch
     checkpoint.atomic_write_bytes(run_dir / RESUME_TENSORS, save_safetensors_bytes(tensors, metadata=metadata))
@@ -369,6 +370,9 @@ def _load_resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 slot[key] = torch.empty_like(parameter).copy_(value)
     torch.set_rng_state(tensors["rng.torch"])
     generator.set_state(tensors["rng.generator"])
+    device = next(model.parameters()).device
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     return state
 
 
@@ -403,6 +407,7 @@ def train(
     data_dir: str | Path | None = None,
     resume: str | Path | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    device: str = "cpu",
 ) -> TrainResult:
     """Train a model; with `out_dir`, write the run folder and a resume checkpoint after every epoch.
 
@@ -411,7 +416,10 @@ def train(
     `resume` continues a run folder from its last complete epoch (its stored config wins). Ctrl-C or SIGTERM
     stops after restoring the last complete epoch and saving it; `result.interrupted` is then True.
     Under `torchrun` it trains data-parallel (see `fmnist.distributed`): `batch_size` is the global batch, and
-    only rank 0 reports progress and writes files.
+    only rank 0 reports progress and writes files. `device` is "cpu" (like torch, the library computes on the CPU
+    unless told otherwise; the CLI's default is "auto"), "auto", "cuda" or "cuda:N" (see `fmnist.devices`). It is
+    where the work runs, not part of the run's config, so a run trained on a GPU resumes on a CPU and the other
+    way round. The returned model is on the CPU, like a loaded one.
     """
     if resume is not None:
         resume = Path(resume)
@@ -428,14 +436,15 @@ def train(
         config = resolve_config(overrides.pop("preset", DEFAULT_PRESET), overrides)
     else:
         config.validate()
-    group = distributed.setup(config.threads)
+    where = devices.resolve_device(device, devices.node_position())
+    group = distributed.setup(config.threads, where)
     try:
-        return _train(config, out_dir, arrays, data_dir, resume, progress, group)
+        return _train(config, out_dir, arrays, data_dir, resume, progress, group, where)
     finally:
         distributed.teardown(group)
 
 
-def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, group) -> TrainResult:
+def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, group, device) -> TrainResult:
     distributed.check_batch(group, config.batch_size)
     main = group is None or group.main
     emit = (progress if main else None) or (lambda event: None)
@@ -455,10 +464,12 @@ def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, gro
     x_val = y_val = None
     if "val" in splits:
         x_val, y_val = _prepare(splits["val"][0], config), torch.from_numpy(splits["val"][1].astype(np.int64))
+    # The training set moves to the device once (188 MB as float32); evaluation moves batch by batch.
+    x_train, y_train = x_train.to(device), y_train.to(device)
     load_seconds = time.perf_counter() - started
 
     architecture = config.architecture()
-    model = create_model(architecture["name"], **architecture["config"])
+    model = create_model(architecture["name"], **architecture["config"]).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(config, model)
@@ -467,8 +478,8 @@ def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, gro
     total_steps = steps_per_epoch * config.epochs
     fill = -data.PIXEL_MEAN / data.PIXEL_STD if config.normalize == "standard" else 0.0
     augmenting = config.flip or config.translate or config.erase
-    precision = resolve_precision(config.precision)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    precision = resolve_precision(config.precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     history: list[dict[str, Any]] = []
     start_epoch, train_seconds, stop_reason = 0, 0.0, None
@@ -486,7 +497,8 @@ def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, gro
     last_good = copy.deepcopy(model.state_dict())
     interrupted = False
     emit({"event": "start", "config": config, "steps_per_epoch": steps_per_epoch, "epochs": config.epochs,
-          "parameters": count_parameters(model), "train_size": len(y_train), "start_epoch": start_epoch})
+          "parameters": count_parameters(model), "train_size": len(y_train), "start_epoch": start_epoch,
+          "device": devices.describe(device), "processes": group.world if group else 1})
 
     with _StopSignal() as stopper:
         try:
@@ -494,8 +506,8 @@ def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, gro
                 emit({"event": "epoch_start", "epoch": epoch + 1})
                 model.train()
                 epoch_started = time.perf_counter()
-                loss_sum = torch.zeros(())
-                correct = torch.zeros((), dtype=torch.int64)
+                loss_sum = torch.zeros((), device=device)
+                correct = torch.zeros((), dtype=torch.int64, device=device)
                 seen = 0
                 for step, index in enumerate(data.iterate_batches(len(y_train), config.batch_size, generator)):
                     if group is None:
@@ -504,6 +516,7 @@ def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, gro
                         continue  # a last batch too small to give every rank an image (all ranks skip it)
                     for param_group in optimizer.param_groups:
                         param_group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
+                    index = index.to(device)  # drawn on the CPU generator: the same batches on every device
                     inputs, targets = x_train[index], y_train[index]
                     if augmenting:  # the whole global batch on every rank: the generators stay in step
                         inputs = data.augment_batch(inputs, generator, config.flip, config.translate, config.erase,
@@ -574,7 +587,10 @@ def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, gro
     model.eval()
     metrics = _final_metrics(config, model, history, x_test, y_test, train_seconds, load_seconds, stop_reason,
                              interrupted)
+    metrics.update(device=devices.describe(device), processes=group.world if group else 1,
+                   precision=resolve_precision(config.precision, device))
     metrics["calibration"] = calibrate(model, x_val, y_val)
+    model = model.cpu()
     if run_dir is not None:
         write_run(run_dir, model, config, history, metrics)
     emit({"event": "end", "metrics": metrics})
@@ -589,7 +605,7 @@ def _final_metrics(config, model, history, x_test, y_test, train_seconds, load_s
         "epochs_run": len(history), "epochs_planned": config.epochs, "train_seconds": round(train_seconds, 3),
         "data_seconds": round(load_seconds, 3), "parameters": count_parameters(model), "test_size": len(y_test),
         "stop_reason": stop_reason, "interrupted": interrupted, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "precision": resolve_precision(config.precision),
+        "threads": torch.get_num_threads(),
     }
     if config.tta:
         metrics["test_loss_tta"], metrics["test_accuracy_tta"] = evaluate.loss_and_accuracy(

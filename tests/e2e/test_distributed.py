@@ -99,7 +99,7 @@ def test_batch_norm_and_augmentation_stay_identical_across_ranks(tmp_path):
 
 def train_command(out: Path, data_dir: Path, *extra: str) -> list[str]:
     return [*TORCHRUN, "-m", "fmnist", "train", "--preset", "classic-adam", "--train-subset", "1280",
-            "--threads", "1", "--out", str(out), "--data-dir", str(data_dir), *extra]
+            "--threads", "1", "--device", "cpu", "--out", str(out), "--data-dir", str(data_dir), *extra]
 
 
 @pytest.mark.slow
@@ -138,7 +138,7 @@ def test_ctrl_c_stops_every_rank_and_the_run_resumes(tmp_path, real_data_source)
     config = json.loads((out / "config.json").read_text())
     config["epochs"] = epochs_done + 1  # finish quickly: one more epoch
     (out / "config.json").write_text(json.dumps(config))
-    done = subprocess.run([*TORCHRUN, "-m", "fmnist", "train", "--resume", str(out), "--data-dir",
+    done = subprocess.run([*TORCHRUN, "-m", "fmnist", "train", "--resume", str(out), "--device", "cpu", "--data-dir",
                            str(real_data_source.path)], capture_output=True, text=True, timeout=300, env=env())
     assert done.returncode == 0, done.stdout + done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
