@@ -168,6 +168,10 @@ def _list_presets() -> int:
     return 0
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 class _ProgressPrinter:
     """A live bar on a terminal (rich), and one plain summary line per epoch always, unless quiet."""
 
@@ -185,8 +189,8 @@ class _ProgressPrinter:
             processes = event["processes"]
             where = event["device"] + (f" and {processes - 1} more processes" if processes > 1 else "")
             print(f"training {config.preset} ({config.model}, {event['parameters']:,} parameters) on "
-                  f"{event['train_size']:,} images, {event['epochs']} epochs of {event['steps_per_epoch']} steps, "
-                  f"on {where}")
+                  f"{event['train_size']:,} images, {_count(event['epochs'], 'epoch')} of "
+                  f"{event['steps_per_epoch']} steps, on {where}")
             if sys.stderr.isatty():
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -246,7 +250,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"stopped early: {metrics['stop_reason']}")
         tta = f" (with flip TTA {metrics['test_accuracy_tta']:.4f})" if "test_accuracy_tta" in metrics else ""
         print(f"test accuracy {metrics['test_accuracy']:.4f}{tta}, test loss {metrics['test_loss']:.4f}, "
-              f"{metrics['epochs_run']} epochs in {metrics['train_seconds']:.1f} s of training")
+              f"{_count(metrics['epochs_run'], 'epoch')} in {metrics['train_seconds']:.1f} s of training")
         print(f"run folder: {out_dir}")
     if result.interrupted:
         print(f"interrupted after epoch {metrics['epochs_run']}; continue with "
