@@ -190,7 +190,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(mlp_run, monkeypatch)
     assert not target.exists() and not list(mlp_run.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+@pytest.mark.parametrize("missing", ["onnx", "onnxscript", "onnxruntime"])
 def test_missing_packages_say_how_to_install(missing, mlp_run, mlp_onnx, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, missing, None)  # makes `import missing` raise ImportError
     assert main(["export", str(mlp_run), "--out", str(mlp_run / "other.onnx")]) == 2

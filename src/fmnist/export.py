@@ -4,15 +4,14 @@ The graph takes what the dataset holds — uint8 pixels (batch, 28, 28), light g
 normalisation itself, so a consumer in any language needs no knowledge of fmnist to use it. It returns the
 calibrated `probabilities` (what `Classifier.predict_proba` returns) and the raw `logits`; classes, temperature
 and the full model.json travel in the file's metadata. `OnnxClassifier` reads such a file and behaves like the
-torch `Classifier`. onnx and onnxruntime are an optional extra: `pip install 'fmnist[onnx]'`.
+torch `Classifier`. onnx, onnxscript and onnxruntime are an optional extra: `pip install 'fmnist[onnx]'`.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
-import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ from fmnist.errors import FmnistError, ModelFileError
 from fmnist.predict import Predictor, check_images
 
 ONNX_FILE = "model.onnx"
-OPSET = 17  # runs on every onnxruntime >= 1.14, and on most other runtimes
+OPSET = 18  # the dynamo exporter's own opset (no conversion step); runs on every onnxruntime >= 1.14
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "logits")
 PARITY_TOLERANCE = 1e-4  # largest probability difference from torch accepted when checking a fresh export
@@ -94,20 +93,23 @@ def _metadata(meta: dict[str, Any]) -> dict[str, str]:
 
 
 def _torch_to_onnx(module: Any) -> bytes:
-    """Trace with torch's TorchScript exporter: no extra dependency, folds batch norm into the convolutions."""
+    """Export with torch's dynamo exporter (torch.export + onnxscript), which folds batch norm into the
+    convolutions; the older TorchScript exporter is deprecated and announces its removal."""
     import torch
 
-    options: dict[str, Any] = {}
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        options["dynamo"] = False  # torch >= 2.9 defaults to the torch.export path, which needs onnxscript
-    buffer = io.BytesIO()
-    batch = {0: "batch"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
-        torch.onnx.export(module, (torch.zeros(2, 28, 28, dtype=torch.uint8),), buffer, input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), opset_version=OPSET, do_constant_folding=True,
-                          dynamic_axes={name: batch for name in (INPUT_NAME, *OUTPUT_NAMES)}, **options)
-    return buffer.getvalue()
+    torch_onnx_log = logging.getLogger("torch.onnx")
+    level = torch_onnx_log.level
+    torch_onnx_log.setLevel(logging.ERROR)  # it logs a line for each torchvision operator it cannot find
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export's own deprecation notices, not the user's concern
+            program = torch.onnx.export(module, (torch.zeros(2, 28, 28, dtype=torch.uint8),), dynamo=True,
+                                        input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                        opset_version=OPSET, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                        verbose=False)
+    finally:
+        torch_onnx_log.setLevel(level)
+    return program.model_proto.SerializeToString()
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
@@ -117,6 +119,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     few images, so a file that exists is one that answers like `Classifier`.
     """
     onnx = _require("onnx")
+    _require("onnxscript")  # the exporter's back end
     _require("onnxruntime")
     from fmnist.predict import Classifier
 
