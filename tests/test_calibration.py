@@ -46,6 +46,11 @@ def test_training_with_validation_calibrates_and_predict_flags(tmp_path):
     assert calibration["temperature"] > 0 and 0 <= calibration["ece_after"] <= 1
     classifier = Classifier.load(tmp_path / "run")
     assert classifier.calibrated and classifier.temperature == pytest.approx(calibration["temperature"])
+    # The calibrated test loss training reports is the loss of the probabilities the classifier gives.
+    (x_test, y_test) = arrays[1]
+    report = evaluate.classification_report(classifier.predict_proba(x_test), y_test, classifier.classes)
+    assert result.metrics["test_loss_calibrated"] == pytest.approx(report["loss"], abs=1e-4)
+    assert result.metrics["test_loss_calibrated"] != pytest.approx(result.metrics["test_loss"], abs=1e-4)
     images = arrays[1][0][:5]
     answers = classifier.answer(images, k=2)
     assert len(answers) == 5 and len(answers[0]["top"]) == 2

@@ -103,7 +103,8 @@ def test_train_dry_run_writes_a_complete_run(trained):
     assert re.search(r"^training classic-adam \(mlp, 101,770 parameters\) on 512 images, 1 epoch of 16 steps, "
                      r"on (cpu|cuda:0 \(.+\))$", out, re.MULTILINE), out
     assert re.search(r"^epoch\s+1  loss \d+\.\d{4}  accuracy [01]\.\d{4}  \d+\.\ds$", out, re.MULTILINE), out
-    printed = re.search(r"^test accuracy ([01]\.\d{4}), test loss \d+\.\d{4}, 1 epoch in", out, re.MULTILINE)
+    printed = re.search(r"^test accuracy ([01]\.\d{4}), test loss \d+\.\d{4}( \(\d\.\d{4} calibrated\))?, 1 epoch in",
+                        out, re.MULTILINE)
     assert printed, out
     assert f"run folder: {run}" in out
     for name in RUN_FILES:
@@ -171,6 +172,9 @@ def test_evaluate_prints_the_report_and_writes_it(trained, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert err == ""
     assert out.startswith("Classifier(mlp, preset='classic-adam', test_accuracy=") and "on 512 test images" in out
+    calibrated = json.loads((run / "metrics.json").read_text())["calibration"]["fitted"]
+    assert ("probabilities not calibrated" in out) != calibrated
+    assert ("probabilities calibrated on the validation split (temperature" in out) == calibrated
     supports = []
     for name in data.CLASS_NAMES:
         row = re.search(rf"^{re.escape(name)}\s+([01]\.\d{{3}})\s+([01]\.\d{{3}})\s+([01]\.\d{{3}})\s+(\d+)$",

@@ -249,7 +249,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if metrics["stop_reason"]:
             print(f"stopped early: {metrics['stop_reason']}")
         tta = f" (with flip TTA {metrics['test_accuracy_tta']:.4f})" if "test_accuracy_tta" in metrics else ""
-        print(f"test accuracy {metrics['test_accuracy']:.4f}{tta}, test loss {metrics['test_loss']:.4f}, "
+        calibrated = (f" ({metrics['test_loss_calibrated']:.4f} calibrated)" if "test_loss_calibrated" in metrics
+                      else "")
+        print(f"test accuracy {metrics['test_accuracy']:.4f}{tta}, test loss {metrics['test_loss']:.4f}{calibrated}, "
               f"{_count(metrics['epochs_run'], 'epoch')} in {metrics['train_seconds']:.1f} s of training")
         print(f"run folder: {out_dir}")
     if result.interrupted:
@@ -277,13 +279,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     x_test, y_test = _test_set(classifier, args.data_dir)
     report = evaluate.classification_report(classifier.predict_proba(x_test), y_test, classifier.classes)
     report_tta = evaluate.classification_report(classifier.predict_proba(x_test, tta=True), y_test, classifier.classes)
-    result = {"test_size": len(y_test), **report,
+    result = {"test_size": len(y_test), "calibrated": classifier.calibrated,
+              "temperature": classifier.temperature, **report,
               "tta": {"accuracy": report_tta["accuracy"], "loss": report_tta["loss"]}}
     write_json(Path(args.run) / "evaluation.json", result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{classifier!r} on {len(y_test):,} test images")
+    print(f"probabilities calibrated on the validation split (temperature {classifier.temperature:.2f})"
+          if classifier.calibrated else "probabilities not calibrated (the run had no validation split)")
     print(f"test loss {report['loss']:.4f}  test accuracy {report['accuracy']:.4f}  "
           f"(flip TTA: loss {report_tta['loss']:.4f}, accuracy {report_tta['accuracy']:.4f})")
     print(f"\n{'class':<14}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")

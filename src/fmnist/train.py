@@ -590,6 +590,9 @@ def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, gro
     metrics.update(device=devices.describe(device), processes=group.world if group else 1,
                    precision=resolve_precision(config.precision, device))
     metrics["calibration"] = calibrate(model, x_val, y_val)
+    if metrics["calibration"]["fitted"]:  # the loss of the probabilities `evaluate` and `predict` report
+        metrics["test_loss_calibrated"], _ = evaluate.loss_and_accuracy(
+            model, x_test, y_test, temperature=metrics["calibration"]["temperature"])
     model = model.cpu()
     if run_dir is not None:
         write_run(run_dir, model, config, history, metrics)
