@@ -13,6 +13,7 @@ from conftest import idx_bytes
 
 from fmnist import data
 from fmnist.errors import DownloadError
+from fmnist.files import FILE_MODE
 
 NAMES = tuple(data.CONTENT_MD5)  # the order fetch downloads them in
 FIRST = NAMES[0]  # train-images-idx3-ubyte: failing it stops fetch before anything else is downloaded
@@ -135,6 +136,8 @@ def test_fetch_downloads_all_four_then_loads_and_skips_them_next_time(mirror, tm
     assert result == dest
     assert _left_behind(dest) == sorted(f"{name}.gz" for name in NAMES)
     assert [server.requested(name) for name in NAMES] == [1, 1, 1, 1]
+    for name in NAMES:  # a shared cache: readable like any file the user makes, not 0600 like a temporary file
+        assert (dest / f"{name}.gz").stat().st_mode & 0o777 == FILE_MODE, name
     assert set(seen) == set(NAMES) and all(done == total for done, total in seen.values())
 
     (x_train, y_train), (x_test, y_test) = data.load_data(dest)  # verify=True

@@ -17,6 +17,7 @@ from PIL import Image
 
 from fmnist import plots
 from fmnist.data import CLASS_NAMES
+from fmnist.files import FILE_MODE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -257,6 +258,17 @@ def test_save_figure_creates_folders_and_replaces_an_old_file(tmp_path):
     first = path.read_bytes()
     save_and_open(plots.training_curves(HISTORY), path)
     assert path.read_bytes() != first
+    assert path.stat().st_mode & 0o777 == FILE_MODE  # not the temporary file's 0600
+
+
+def test_label_smoothing_footnote_names_the_loss_floor(tmp_path):
+    assert plots.smoothed_loss_floor(0.0) == 0.0
+    assert plots.smoothed_loss_floor(0.1) == pytest.approx(0.5003, abs=1e-4)  # entropy of the softened targets
+    plain = [text.get_text() for text in plots.training_curves(HISTORY).texts]
+    smoothed = [text.get_text() for text in plots.training_curves(HISTORY, label_smoothing=0.1).texts]
+    assert plain == [] and len(smoothed) == 1
+    assert "label smoothing 0.1" in smoothed[0] and "below 0.50" in smoothed[0]
+    save_and_open(plots.training_curves(HISTORY, label_smoothing=0.1), tmp_path / "smoothed.png")
 
 
 def test_save_figure_is_atomic_when_saving_fails(tmp_path, monkeypatch):

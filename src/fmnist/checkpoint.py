@@ -20,16 +20,12 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from fmnist.errors import ModelFileError
+from fmnist.files import FILE_MODE
 from fmnist.models import create_model
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-# Temporary files are created 0600; the renamed file gets the mode a plain open() would give (0666 minus the
-# umask), so a model trained by one user can be served by another. The umask is read once, at import.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:

@@ -244,7 +244,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130 if result.interrupted else 0
     metrics = result.metrics
     if not args.no_plots and result.history:
-        plots.save_figure(plots.training_curves(result.history), out_dir / "plots" / "curves.png")
+        plots.save_figure(plots.training_curves(result.history, result.config.label_smoothing),
+                          out_dir / "plots" / "curves.png")
     if not args.quiet:
         if metrics["stop_reason"]:
             print(f"stopped early: {metrics['stop_reason']}")
@@ -431,7 +432,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     written = []
     history = read_history(run)
     if history:
-        written.append(plots.save_figure(plots.training_curves(history), out / "curves.png"))
+        smoothing = float(classifier.meta.get("config", {}).get("label_smoothing", 0.0))
+        written.append(plots.save_figure(plots.training_curves(history, smoothing), out / "curves.png"))
     report = evaluate.classification_report(probabilities, y_test, classifier.classes)
     written.append(plots.save_figure(plots.confusion_matrix(np.array(report["confusion_matrix"]), classifier.classes),
                                      out / "confusion.png"))

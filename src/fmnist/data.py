@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist.errors import ChecksumError, DataFormatError, DatasetNotFoundError, DownloadError
+from fmnist.files import publish
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def _download_once(url: str, target: Path, name: str, timeout: float, progress: 
         found = _md5_of_content(part)
         if found != CONTENT_MD5[name]:
             raise ChecksumError(f"{url}: downloaded content has MD5 {found}, expected {CONTENT_MD5[name]}")
-        os.replace(part, target)
+        publish(part, target)
     except BaseException:
         part.unlink(missing_ok=True)
         raise

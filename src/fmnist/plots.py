@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from fmnist.data import CLASS_NAMES  # noqa: E402
+from fmnist.files import publish  # noqa: E402
 
 RIGHT = "#1a9641"
 WRONG = "#d7191c"
@@ -35,7 +36,7 @@ def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 110) -> Path
     handle.close()
     try:
         figure.savefig(handle.name, dpi=dpi, bbox_inches="tight", facecolor="white")
-        os.replace(handle.name, path)
+        publish(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
@@ -71,10 +72,25 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10, see
     return figure
 
 
-def training_curves(history: Sequence[Mapping[str, float]]) -> Figure:
-    """Loss and accuracy per epoch, train and (when present) validation."""
+def smoothed_loss_floor(label_smoothing: float, classes: int = 10) -> float:
+    """The lowest cross-entropy a model can reach against label-smoothed targets: their entropy."""
+    right = 1.0 - label_smoothing + label_smoothing / classes
+    other = label_smoothing / classes
+    return float(-right * np.log(right) - (classes - 1) * other * np.log(other)) if label_smoothing else 0.0
+
+
+def training_curves(history: Sequence[Mapping[str, float]], label_smoothing: float = 0.0) -> Figure:
+    """Loss and accuracy per epoch, train and (when present) validation.
+
+    With label smoothing the train loss is measured against softened targets and cannot reach zero, so it can sit
+    above the validation loss; a footnote says so, because a learner would otherwise read it as a bug.
+    """
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    if label_smoothing:
+        figure.text(0.5, -0.02, f"Train loss is measured with label smoothing {label_smoothing:g}, so it cannot fall "
+                    f"below {smoothed_loss_floor(label_smoothing):.2f}; validation loss uses the true labels.",
+                    ha="center", va="top", fontsize=9, color="#555555")
     for axis, metric, title in ((loss_axis, "loss", "Loss"), (accuracy_axis, "accuracy", "Accuracy")):
         axis.plot(epochs, [row[metric] for row in history], "o-", label="train", color="#2c7bb6")
         if any(row.get(f"val_{metric}") is not None for row in history):
