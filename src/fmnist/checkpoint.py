@@ -20,7 +20,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from fmnist.errors import ModelFileError
-from fmnist.files import FILE_MODE
+from fmnist.files import publish
 from fmnist.models import create_model
 
 FORMAT_VERSION = 1
@@ -37,10 +37,8 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
         with handle:
             handle.write(payload)
             handle.flush()
-            if hasattr(os, "fchmod"):  # POSIX
-                os.fchmod(handle.fileno(), FILE_MODE)
             os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        publish(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise

@@ -50,12 +50,19 @@ def _is_channels_last(model: nn.Module) -> bool:
 
 
 def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
-                      tta: bool = False, temperature: float = 1.0) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on a prepared tensor set; a temperature gives the calibrated loss."""
+                      tta: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on a prepared tensor set."""
     logits = predict_logits(model, x, batch_size, tta)
+    if tta:  # already log-probabilities
+        y = y.cpu()
+        return F.nll_loss(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+    return logit_scores(logits, y)
+
+
+def logit_scores(logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> tuple[float, float]:
+    """Cross-entropy of softmax(logits / temperature) and accuracy, from logits already computed."""
     y = y.cpu()
-    loss = F.nll_loss(logits, y).item() if tta else F.cross_entropy(logits / temperature, y).item()
-    return loss, (logits.argmax(1) == y).float().mean().item()
+    return F.cross_entropy(logits / temperature, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:

@@ -585,14 +585,11 @@ def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, gro
     if best["state"] is not None and stop_reason and best["epoch"] != len(history):
         model.load_state_dict(best["state"])
     model.eval()
+    calibration = calibrate(model, x_val, y_val)
     metrics = _final_metrics(config, model, history, x_test, y_test, train_seconds, load_seconds, stop_reason,
-                             interrupted)
+                             interrupted, calibration)
     metrics.update(device=devices.describe(device), processes=group.world if group else 1,
-                   precision=resolve_precision(config.precision, device))
-    metrics["calibration"] = calibrate(model, x_val, y_val)
-    if metrics["calibration"]["fitted"]:  # the loss of the probabilities `evaluate` and `predict` report
-        metrics["test_loss_calibrated"], _ = evaluate.loss_and_accuracy(
-            model, x_test, y_test, temperature=metrics["calibration"]["temperature"])
+                   precision=resolve_precision(config.precision, device), calibration=calibration)
     model = model.cpu()
     if run_dir is not None:
         write_run(run_dir, model, config, history, metrics)
@@ -601,8 +598,9 @@ def _train(config: TrainConfig, out_dir, arrays, data_dir, resume, progress, gro
 
 
 def _final_metrics(config, model, history, x_test, y_test, train_seconds, load_seconds, stop_reason,
-                   interrupted) -> dict[str, Any]:
-    test_loss, test_accuracy = evaluate.loss_and_accuracy(model, x_test, y_test)
+                   interrupted, calibration) -> dict[str, Any]:
+    logits = evaluate.predict_logits(model, x_test)
+    test_loss, test_accuracy = evaluate.logit_scores(logits, y_test)
     metrics: dict[str, Any] = {
         "preset": config.preset, "seed": config.seed, "test_accuracy": test_accuracy, "test_loss": test_loss,
         "epochs_run": len(history), "epochs_planned": config.epochs, "train_seconds": round(train_seconds, 3),
@@ -610,6 +608,8 @@ def _final_metrics(config, model, history, x_test, y_test, train_seconds, load_s
         "stop_reason": stop_reason, "interrupted": interrupted, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    if calibration["fitted"]:  # the loss of the probabilities `evaluate` and `predict` report
+        metrics["test_loss_calibrated"], _ = evaluate.logit_scores(logits, y_test, calibration["temperature"])
     if config.tta:
         metrics["test_loss_tta"], metrics["test_accuracy_tta"] = evaluate.loss_and_accuracy(
             model, x_test, y_test, tta=True)
