@@ -70,7 +70,7 @@ def fmnist_child(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from fmnist import data, evaluate
+    from fmnist import data, evaluate, events
     from fmnist.predict import Classifier
     from fmnist.train import resolve_config, train, write_run
 
@@ -91,12 +91,12 @@ def fmnist_child(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     epochs: list[float] = []
     clock = {"epoch": 0.0, "last_end": 0.0, "train_size": None}
 
-    def progress(event: dict[str, Any]) -> None:  # epoch wall time includes the validation pass, as in Keras
-        if event["event"] == "start":
-            clock["train_size"] = event["train_size"]
-        elif event["event"] == "epoch_start":
+    def progress(event: events.Event) -> None:  # epoch wall time includes the validation pass, as in Keras
+        if isinstance(event, events.Start):
+            clock["train_size"] = event.train_size
+        elif isinstance(event, events.EpochStart):
             clock["epoch"] = time.perf_counter()
-        elif event["event"] == "epoch_end":
+        elif isinstance(event, events.EpochEnd):
             clock["last_end"] = time.perf_counter()
             epochs.append(clock["last_end"] - clock["epoch"])
 
@@ -108,9 +108,7 @@ def fmnist_child(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     (x_test, y_test) = arrays[1]
     if config.test_subset:
         x_test, y_test = x_test[:config.test_subset], y_test[:config.test_subset]
-    x = data.to_tensor(x_test, normalize=config.normalize == "standard")
-    if config.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = data.preprocess(x_test, *data.normalization(config.normalize == "standard"), config.channels_last)
     y = torch.from_numpy(y_test.astype(np.int64))
     started = time.perf_counter()
     test_loss, test_accuracy = evaluate.loss_and_accuracy(result.model, x, y)

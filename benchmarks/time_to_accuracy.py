@@ -45,7 +45,7 @@ result = train(config, arrays=arrays)
 total = time.perf_counter() - started
 train_peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before inference adds its own
 model = result.model.eval()
-x = data.to_tensor(arrays[1][0], normalize=config.normalize == "standard")
+x = data.preprocess(arrays[1][0], *data.normalization(config.normalize == "standard"))
 if config.channels_last:
     x = x.contiguous(memory_format=torch.channels_last)
 with torch.inference_mode():

@@ -40,7 +40,7 @@ plots.sample_grid(x_train, y_train, per_class=8);"""),
 
 Networks learn best from small numbers around zero, so pixels are scaled to 0..1 (`x / 255`), as the Keras
 tutorials do. fmnist stores this choice with the model, so predictions later scale new images the same way."""),
-    ("code", """x = fmnist.data.to_tensor(x_train[:5])
+    ("code", """x = fmnist.data.preprocess(x_train[:5])
 print(x.shape, x.dtype, float(x.min()), float(x.max()))
 print("mean pixel of the training set:", round(float(x_train.mean() / 255), 4))"""),
     ("markdown", """## 3. The classic dense network

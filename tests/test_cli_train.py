@@ -101,7 +101,7 @@ def test_train_dry_run_writes_a_complete_run(trained):
     assert err == ""
     # --device auto: the CPU here, the GPU where torch sees one
     assert re.search(r"^training classic-adam \(mlp, 101,770 parameters\) on 512 images, 1 epoch of 16 steps, "
-                     r"on (cpu|cuda:0 \(.+\))$", out, re.MULTILINE), out
+                     r"on (cpu|cuda:0 \(.+\)), (fp32|bf16)$", out, re.MULTILINE), out
     assert re.search(r"^epoch\s+1  loss \d+\.\d{4}  accuracy [01]\.\d{4}  \d+\.\ds$", out, re.MULTILINE), out
     printed = re.search(r"^test accuracy ([01]\.\d{4}), test loss \d+\.\d{4}( \(\d\.\d{4} calibrated\))?, 1 epoch in",
                         out, re.MULTILINE)

@@ -97,7 +97,7 @@ def test_metadata_and_graph_contract(mlp_onnx, mlp_run):
     onnx.checker.check_model(model)
     props = {entry.key: entry.value for entry in model.metadata_props}
     meta = json.loads((mlp_run / "model.json").read_text())
-    calibration = meta["metrics"]["calibration"]
+    calibration = meta["calibration"]
     assert json.loads(props["classes"]) == meta["classes"]
     assert props["preset"] == "classic-sgd" and json.loads(props["architecture"])["name"] == "mlp"
     assert float(props["test_accuracy"]) == meta["metrics"]["test_accuracy"]

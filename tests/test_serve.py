@@ -77,7 +77,7 @@ def test_healthz_and_model(client, classifier):
     model = client.get("/v1/model").json()
     assert model["classes"] == list(data.CLASS_NAMES)
     assert model["preset"] == "classic-adam" and model["architecture"]["name"] == "mlp"
-    assert model["test_accuracy"] == pytest.approx(classifier.meta["metrics"]["test_accuracy"])
+    assert model["test_accuracy"] == pytest.approx(classifier.meta.metrics["test_accuracy"])
     assert model["created"] and model["name"] == "mlp 128" and model["calibrated"] is True
 
 

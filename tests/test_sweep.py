@@ -12,6 +12,7 @@ from test_train import learnable_arrays
 from fmnist import sweep
 from fmnist.cli import main
 from fmnist.errors import ConfigError
+from fmnist.events import EpochStart
 from fmnist.predict import Classifier
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep-fast.yaml"
@@ -135,7 +136,7 @@ def test_a_trial_cut_off_between_epochs_becomes_a_run_folder(tmp_path):
     threads = torch.get_num_threads()
 
     def cut(event):
-        if event["event"] == "epoch_start" and event["epoch"] == 2:
+        if isinstance(event, EpochStart) and event.epoch == 2:
             raise SystemExit(0)
 
     with pytest.raises(SystemExit):
@@ -146,7 +147,7 @@ def test_a_trial_cut_off_between_epochs_becomes_a_run_folder(tmp_path):
     assert (row["status"], row["stopped_early"], row["epochs_run"]) == ("stopped early", True, 1)
     assert row["epochs_planned"] == 3
     assert row["metric"] is not None and row["run"] == "trials/trial-004"
-    assert Classifier.load(run).meta["metrics"]["interrupted"] is True
+    assert Classifier.load(run).meta.metrics["interrupted"] is True
     assert torch.get_num_threads() == threads  # finishing the trial (threads=1 in its config) left this process alone
     assert sweep._collect(tmp_path / "trials" / "trial-005", {}, None, False, learnable_arrays(), tiny)["status"] \
         == "interrupted"
@@ -219,7 +220,7 @@ def test_a_small_asha_sweep_end_to_end(tmp_path):
     assert values == sorted(values, reverse=True)
     assert report["spec"]["preset"] == "classic-adam"
     assert (out / "best").resolve() == (out / "trials" / "trial-000").resolve()
-    assert Classifier.load(out / "best").meta["config"]["lr"] == 0.01
+    assert Classifier.load(out / "best").meta.config["lr"] == 0.01
     assert "**trial-000** (best)" in (out / "sweep.md").read_text()
     assert {"trial_start", "trial_result"} <= {event["event"] for event in events}
 

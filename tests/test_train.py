@@ -14,6 +14,7 @@ import torch
 from fmnist import train as training
 from fmnist.checkpoint import load_model
 from fmnist.errors import ConfigError, ModelFileError
+from fmnist.events import EpochStart
 from fmnist.predict import Classifier
 
 
@@ -103,7 +104,7 @@ def test_resume_equals_uninterrupted(preset, extra, arrays, tmp_path):
     straight = training.train(config, arrays=arrays, out_dir=tmp_path / "straight")
 
     def interrupt_at_epoch_two(event):
-        if event["event"] == "epoch_start" and event["epoch"] == 2:
+        if isinstance(event, EpochStart) and event.epoch == 2:
             raise KeyboardInterrupt
 
     stopped = training.train(config, arrays=arrays, out_dir=tmp_path / "resumed", progress=interrupt_at_epoch_two)

@@ -6,9 +6,13 @@ import argparse
 import json
 import logging
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+from fmnist.checkpoint import EVALUATION_FILE, META_FILE
+from fmnist.config import PRESETS, TrainConfig, setting_names
 from fmnist.errors import ConfigError, FmnistError
 
 
@@ -87,33 +91,6 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- train
-_OVERRIDES = {  # flag -> (TrainConfig field, type, help)
-    "--epochs": ("epochs", int, "number of epochs"),
-    "--batch-size": ("batch_size", int, "images per optimiser step"),
-    "--lr": ("lr", float, "peak learning rate"),
-    "--optimizer": ("optimizer", str, "adam, adamw or sgd"),
-    "--momentum": ("momentum", float, "SGD momentum"),
-    "--weight-decay": ("weight_decay", float, "L2 weight decay (not on biases / batch norm)"),
-    "--schedule": ("schedule", str, "constant, cosine or onecycle"),
-    "--warmup": ("warmup", float, "fraction of steps spent warming up"),
-    "--hidden": ("hidden", "ints", "MLP hidden sizes, e.g. 300,100"),
-    "--widths": ("widths", "ints", "ConvNet stage widths, e.g. 32,64,128"),
-    "--depth": ("depth", int, "ConvNet blocks per stage"),
-    "--dropout": ("dropout", float, "dropout before the last layer(s)"),
-    "--validation": ("validation", int, "training images held out for validation (0 = none)"),
-    "--label-smoothing": ("label_smoothing", float, "label smoothing of the loss"),
-    "--translate": ("translate", int, "random shifts by up to N pixels"),
-    "--erase": ("erase", float, "random erasing square, as a fraction of the side"),
-    "--stop-at": ("stop_at", float, "stop as soon as the monitored metric reaches this value"),
-    "--patience": ("patience", int, "stop after N epochs without improvement, restoring the best weights"),
-    "--monitor": ("monitor", str, "accuracy, loss, val_accuracy or val_loss"),
-    "--precision": ("precision", str, "fp32 or bf16 (CPU autocast)"),
-    "--threads": ("threads", int, "torch threads"),
-    "--seed": ("seed", int, "random seed: same seed, same machine, same weights"),
-    "--train-subset": ("train_subset", int, "train on the first N images only"),
-}
-
-
 def _ints(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
@@ -134,30 +111,44 @@ def _overrides(args: argparse.Namespace) -> dict:
         if not isinstance(loaded, dict):
             raise ConfigError(f"{args.config}: expected a JSON object of settings, like {{\"epochs\": 5}}")
         values.update(loaded)
-    for flag, (name, _, _) in _OVERRIDES.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            values[name] = value
-    for name in ("flip", "tta", "nesterov", "channels_last"):
+    for name in _setting_flags():
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    if args.track_test:
-        values["track_test"] = True
     if args.dry_run:
         values.update(train_subset=512, test_subset=512, epochs=1)
-        if "validation" in values or "validation" in _preset_values(args.preset):
+        if "validation" in values or PRESETS.get(args.preset, {}).get("validation"):
             values["validation"] = 128
     return values
 
 
-def _preset_values(name: str) -> dict:
-    from fmnist.train import PRESETS
+def _setting_flags() -> list[str]:
+    """The TrainConfig fields that get a `fmnist train --flag` (all but `preset`, which has its own)."""
+    return [name for name in setting_names() if name != "preset"]
 
-    return PRESETS.get(name, {})
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed and documented from the field itself: a new setting needs no CLI edit."""
+    group = parser.add_argument_group("settings (each overrides the preset; see `--list-presets`)")
+    for name in _setting_flags():
+        field = TrainConfig.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `int | None`: the flag takes an int
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        help_text = f"{field.description} (default: the preset's)"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        if typing.get_origin(kind) is typing.Literal:
+            parse, metavar = str, "{" + ",".join(typing.get_args(kind)) + "}"
+        else:
+            parse = _ints if typing.get_origin(kind) is list else kind if kind in (int, float) else str
+            metavar = {_ints: "N,N,...", int: "N", float: "X"}.get(parse, "TEXT")
+        group.add_argument(flag, type=parse, default=None, metavar=metavar, help=help_text)
 
 
 def _list_presets() -> int:
-    from fmnist.train import PRESETS, preset_expectations
+    from fmnist.config import preset_expectations
 
     expected = preset_expectations()
     print(f"{'preset':<18} {'expected (latest benchmark)':<32} description")
@@ -180,39 +171,40 @@ class _ProgressPrinter:
         self.bar = None
         self.task = None
 
-    def __call__(self, event: dict) -> None:
-        kind = event["event"]
+    def __call__(self, event) -> None:
+        from fmnist import events
+
         if self.quiet:
             return
-        if kind == "start":
-            config = event["config"]
-            processes = event["processes"]
-            where = event["device"] + (f" and {processes - 1} more processes" if processes > 1 else "")
-            print(f"training {config.preset} ({config.model}, {event['parameters']:,} parameters) on "
-                  f"{event['train_size']:,} images, {_count(event['epochs'], 'epoch')} of "
-                  f"{event['steps_per_epoch']} steps, on {where}")
-            if sys.stderr.isatty():
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-                self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                                    TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), transient=True)
-                self.bar.start()
-                self.task = self.bar.add_task("train", total=event["steps_per_epoch"], epoch=1, metrics="")
-        elif kind == "epoch_start" and self.bar:
-            self.bar.reset(self.task, epoch=event["epoch"], metrics="")
-        elif kind == "step" and self.bar:
-            self.bar.update(self.task, completed=event["step"],
-                            metrics=f"loss {event['loss']:.4f} accuracy {event['accuracy']:.4f}")
-        elif kind == "epoch_end":
-            parts = [f"epoch {event['epoch']:>3}", f"loss {event['loss']:.4f}", f"accuracy {event['accuracy']:.4f}"]
-            for key in ("val_loss", "val_accuracy", "test_accuracy"):
-                if key in event:
-                    parts.append(f"{key} {event[key]:.4f}")
-            parts.append(f"{event['seconds']:.1f}s")
-            line = "  ".join(parts)
+        if isinstance(event, events.Start):
+            self._start(event)
+        elif isinstance(event, events.EpochStart) and self.bar:
+            self.bar.reset(self.task, epoch=event.epoch, metrics="")
+        elif isinstance(event, events.Step) and self.bar:
+            self.bar.update(self.task, completed=event.step,
+                            metrics=f"loss {event.loss:.4f} accuracy {event.accuracy:.4f}")
+        elif isinstance(event, events.EpochEnd):
+            row = event.row
+            parts = [f"epoch {event.epoch:>3}", f"loss {row['loss']:.4f}", f"accuracy {row['accuracy']:.4f}"]
+            parts += [f"{key} {row[key]:.4f}" for key in ("val_loss", "val_accuracy", "test_accuracy") if key in row]
+            line = "  ".join([*parts, f"{row['seconds']:.1f}s"])
             (self.bar.console.print(line, highlight=False) if self.bar else print(line, flush=True))
-        elif kind == "end" and self.bar:
+        elif isinstance(event, events.End) and self.bar:
             self.bar.stop()
+
+    def _start(self, event) -> None:
+        config = event.config
+        where = event.device + (f" and {event.processes - 1} more processes" if event.processes > 1 else "")
+        print(f"training {config.preset} ({config.model}, {event.parameters:,} parameters) on "
+              f"{event.train_size:,} images, {_count(event.epochs, 'epoch')} of {event.steps_per_epoch} steps, "
+              f"on {where}, {event.precision}")
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=event.steps_per_epoch, epoch=1, metrics="")
 
     def close(self) -> None:
         if self.bar:
@@ -230,7 +222,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         config = train.resolve_config(args.preset, overrides)
         out_dir = Path(args.out) if args.out else train.default_run_dir(config.preset)
-        if (out_dir / "model.json").exists() and not args.overwrite:
+        if (out_dir / META_FILE).exists() and not args.overwrite:
             raise ConfigError(f"{out_dir} already holds a trained model; pass --overwrite or choose another --out")
     from fmnist.distributed import is_main_process
 
@@ -264,16 +256,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- evaluate etc.
 def _test_set(classifier, data_dir):
-    from fmnist import train
+    from fmnist.train import test_split
 
-    config = train.TrainConfig(**classifier.meta["config"])
-    config.train_subset = None
-    return train.load_splits(config, data_dir=data_dir)["test"]
+    return test_split(classifier.meta.train_config(), data_dir)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fmnist import evaluate
-    from fmnist.checkpoint import write_json
+    from fmnist.files import write_json
     from fmnist.predict import Classifier
 
     classifier = Classifier.load(args.run, device=args.device)
@@ -283,7 +273,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = {"test_size": len(y_test), "calibrated": classifier.calibrated,
               "temperature": classifier.temperature, **report,
               "tta": {"accuracy": report_tta["accuracy"], "loss": report_tta["loss"]}}
-    write_json(Path(args.run) / "evaluation.json", result)
+    write_json(Path(args.run) / EVALUATION_FILE, result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -298,7 +288,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print("\nmost confused (true -> predicted):")
     for pair in report["most_confused"]:
         print(f"  {pair['true']:>12} -> {pair['predicted']:<12} {pair['count']:>4} images")
-    print(f"\nwrote {Path(args.run) / 'evaluation.json'}")
+    print(f"\nwrote {Path(args.run) / EVALUATION_FILE}")
     return 0
 
 
@@ -371,7 +361,7 @@ def _write_predictions_csv(path: Path, rows: list[dict], classes: Sequence[str])
     import csv
     import io
 
-    from fmnist.checkpoint import atomic_write_text
+    from fmnist.files import atomic_write_text
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -432,7 +422,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     written = []
     history = read_history(run)
     if history:
-        smoothing = float(classifier.meta.get("config", {}).get("label_smoothing", 0.0))
+        smoothing = float(classifier.meta.config.get("label_smoothing", 0.0))
         written.append(plots.save_figure(plots.training_curves(history, smoothing), out / "curves.png"))
     report = evaluate.classification_report(probabilities, y_test, classifier.classes)
     written.append(plots.save_figure(plots.confusion_matrix(np.array(report["confusion_matrix"]), classifier.classes),
@@ -673,20 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
                               help="continue an interrupted run folder from its last complete epoch")
     train_parser.add_argument("--config", metavar="FILE", default=None,
                               help="JSON file of settings applied over the preset (flags win)")
-    for flag, (_, kind, text) in _OVERRIDES.items():
-        train_parser.add_argument(flag, type=_ints if kind == "ints" else kind, default=None,
-                                  help=f"{text} (default: the preset's)")
-    for name, text in (("flip", "random horizontal flips"), ("tta", "report flip test-time augmentation"),
-                       ("nesterov", "Nesterov momentum"), ("channels-last", "channels-last memory format")):
-        train_parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
-                                  help=f"{text} (default: the preset's)")
-    train_parser.add_argument("--track-test", action="store_true",
-                              help="also measure test accuracy after every epoch (benchmarks)")
     _add_device(train_parser)
     train_parser.add_argument("--dry-run", action="store_true", help="1 epoch on 512 images: a quick smoke test")
     train_parser.add_argument("--no-plots", action="store_true", help="do not draw the training curves")
     train_parser.add_argument("-q", "--quiet", action="store_true", help="print nothing while training")
     _add_data_dir(train_parser)
+    _add_setting_flags(train_parser)
     train_parser.set_defaults(func=_cmd_train)
 
     evaluate_parser = commands.add_parser("evaluate", help="test loss/accuracy, per-class report, confusions",

@@ -367,16 +367,38 @@ def pooled_split(train: Arrays, test: Arrays, test_fraction: float = 0.2, seed: 
 
 
 # ----------------------------------------------------------------------------------------------- tensors
-def to_tensor(images: np.ndarray, normalize: bool = True):
-    """uint8 (n, 28, 28) -> float32 tensor (n, 1, 28, 28), on 0..1 or standardised with the training stats."""
+def normalization(standardize: bool) -> tuple[float, float]:
+    """(mean, std) of the pixel scaling: the training set's statistics, or (0, 1) for plain x / 255."""
+    return (PIXEL_MEAN, PIXEL_STD) if standardize else (0.0, 1.0)
+
+
+def preprocess(images, mean: float = 0.0, std: float = 1.0, channels_last: bool = False):
+    """The one path from pixels to a model input: uint8 (0..255) or float (0..1) images, shape (n, 28, 28) or
+    (28, 28), as NumPy or torch -> float32 tensor (n, 1, 28, 28) holding (x / 255 - mean) / std.
+
+    Training, `Classifier`, evaluation and the exported ONNX graph all call this, so they scale alike to the bit.
+    Out-of-place operations: the caller's array is never changed, and torch.export can trace it.
+    """
     import torch
 
-    if images.ndim == 2:
-        images = images[None]
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0).unsqueeze(1)
-    if normalize:
-        tensor = tensor.sub_(PIXEL_MEAN).div_(PIXEL_STD)
-    return tensor
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images if images.flags.writeable else images.copy())
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    if mean != 0.0 or std != 1.0:
+        x = (x - mean) / std
+    x = x.unsqueeze(0) if x.dim() == 2 else x
+    x = x.unsqueeze(1) if x.dim() == 3 else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def tta_views(images):
+    """Flip test-time augmentation: each image and its mirror image (clothing is left-right symmetric here).
+
+    Works on model inputs (torch) and on pixel arrays (NumPy), so every engine averages the same two views.
+    """
+    if isinstance(images, np.ndarray):
+        return [images, np.ascontiguousarray(images[..., ::-1])]
+    return [images, images.flip(-1)]
 
 
 def augment_batch(x, generator, flip: bool = True, translate: int = 0, erase: float = 0.0, fill: float = 0.0):

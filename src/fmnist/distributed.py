@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fmnist.errors import ConfigError
+from fmnist.hardware import usable_cores
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def setup(threads: int | None = None, device: torch.device | None = None) -> Con
             dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
     if threads is None:
         # torch's default is one thread per core in *each* process: N processes would fight over the cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+        torch.set_num_threads(max(1, usable_cores() // dist.get_world_size()))
     return Context(dist.get_rank(), dist.get_world_size(), dist.get_backend(), owns, device)
 
 

@@ -39,3 +39,11 @@ class ConfigError(FmnistError):
 
 class ImageError(FmnistError):
     """An input image could not be read or is unusable."""
+
+
+def did_you_mean(word: object, choices: object) -> str:
+    """`; did you mean 'x'?` for the closest of `choices`, or "" when nothing is close: the one spelling hint."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(choice) for choice in choices], n=1)  # type: ignore[attr-defined]
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmnist import data
 from fmnist.data import CLASS_NAMES
+
+
+def class_probabilities(model: nn.Module, batch: torch.Tensor, temperature: float = 1.0,
+                        tta: bool = False) -> torch.Tensor:
+    """softmax(model(batch) / temperature), averaged over the flip views with `tta`: the one TTA rule."""
+    views = data.tta_views(batch) if tta else [batch]
+    return sum(F.softmax(model(view).float() / temperature, dim=1) for view in views) / len(views)
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, tta: bool = False) -> torch.Tensor:
@@ -26,23 +34,21 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, tta
     was_training = model.training
     model.eval()
     outputs = []
-    channels_last = _is_channels_last(model)
+    channels_last = is_channels_last(model)
     device = next(model.parameters()).device
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].to(device)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            logits = model(batch).float()
-            if tta:
-                mirrored = model(batch.flip(-1)).float()
-                logits = torch.log((F.softmax(logits, 1) + F.softmax(mirrored, 1)) / 2)
+            logits = torch.log(class_probabilities(model, batch, tta=True)) if tta else model(batch).float()
             outputs.append(logits.cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
 
 
-def _is_channels_last(model: nn.Module) -> bool:
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's convolution weights are in channels-last layout (its inputs should be too)."""
     for parameter in model.parameters():
         if parameter.dim() == 4:
             return parameter.is_contiguous(memory_format=torch.channels_last) and not parameter.is_contiguous()

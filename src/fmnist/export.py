@@ -19,8 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from fmnist.checkpoint import atomic_write_bytes, load_model
+from fmnist.checkpoint import RunMeta, load_model, parse_meta
+from fmnist.data import tta_views
 from fmnist.errors import FmnistError, ModelFileError
+from fmnist.files import atomic_write_bytes
+from fmnist.hardware import usable_cores
 from fmnist.predict import Predictor, check_images
 
 ONNX_FILE = "model.onnx"
@@ -43,14 +46,14 @@ def _require(module: str) -> Any:
                                    "run pip install 'fmnist[onnx]'") from None
 
 
-def _graph_module(model: Any, meta: dict[str, Any]) -> Any:
+def _graph_module(model: Any, meta: RunMeta) -> Any:
     """The model wrapped so the graph starts at dataset bytes and ends at calibrated probabilities."""
     import torch
     from torch import nn
 
-    norm = meta.get("normalization", {"mean": 0.0, "std": 1.0})
-    mean, std = float(norm["mean"]), float(norm["std"])
-    temperature = float(meta.get("metrics", {}).get("calibration", {}).get("temperature", 1.0))
+    from fmnist.data import preprocess
+
+    mean, std, temperature = meta.normalization.mean, meta.normalization.std, meta.calibration.temperature
 
     class Graph(nn.Module):
         def __init__(self) -> None:
@@ -58,36 +61,34 @@ def _graph_module(model: Any, meta: dict[str, Any]) -> Any:
             self.model = model
 
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # The same float32 operations, in the same order, as Classifier.prepare and predict_proba.
-            x = (images.float() / 255.0 - mean) / std
-            logits = self.model(x.unsqueeze(1)).float()
+            # The same preprocessing function as training and Classifier, so the graph scales alike to the bit.
+            logits = self.model(preprocess(images, mean, std)).float()
             return torch.softmax(logits / temperature, dim=1), logits
 
     return Graph().eval()
 
 
-def _metadata(meta: dict[str, Any]) -> dict[str, str]:
+def _metadata(meta: RunMeta) -> dict[str, str]:
     """The metadata_props written into the file: strings as they are, everything else as JSON text."""
     from fmnist import __version__
 
-    norm = meta.get("normalization", {"mean": 0.0, "std": 1.0})
-    calibration = meta.get("metrics", {}).get("calibration", {})
+    norm, calibration = meta.normalization, meta.calibration
     values = {
-        "classes": meta.get("classes"),
+        "classes": meta.classes,
         "preprocessing": (f"input '{INPUT_NAME}': uint8 (batch, 28, 28), pixels 0..255 in dataset form (light "
                           f"garment on black; convert photos with fmnist.images.prepare); the graph computes "
-                          f"(x / 255 - {norm['mean']}) / {norm['std']}"),
+                          f"(x / 255 - {norm.mean}) / {norm.std}"),
         "outputs": ("probabilities: softmax(logits / temperature), calibrated, shape (batch, 10); "
                     "logits: raw scores, shape (batch, 10); class order as in 'classes'"),
-        "normalization": norm,
-        "preset": meta.get("preset"),
-        "architecture": meta["architecture"],
-        "test_accuracy": meta.get("metrics", {}).get("test_accuracy"),
-        "temperature": float(calibration.get("temperature", 1.0)),
-        "calibrated": bool(calibration.get("fitted", False)),
-        "unusual_logit_threshold": calibration.get("unusual_logit_threshold"),
+        "normalization": norm.model_dump(),
+        "preset": meta.preset,
+        "architecture": meta.architecture.model_dump(),
+        "test_accuracy": meta.metrics.get("test_accuracy"),
+        "temperature": calibration.temperature,
+        "calibrated": calibration.fitted,
+        "unusual_logit_threshold": calibration.unusual_logit_threshold,
         "fmnist_version": __version__,
-        "model_json": meta,
+        "model_json": meta.model_dump(),
     }
     return {key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}
 
@@ -143,20 +144,13 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     return atomic_write_bytes(target / ONNX_FILE if target.is_dir() else target, payload)
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 class OnnxClassifier(Predictor):
     """An exported model run by onnxruntime, with the interface of the torch `Classifier`.
 
     The graph takes uint8 pixels, so float images (0..1) are rounded to the nearest of the 256 levels first.
     """
 
-    def __init__(self, session: Any, meta: dict[str, Any], path: Path | None = None):
+    def __init__(self, session: Any, meta: RunMeta, path: Path | None = None):
         super().__init__(meta)
         self.session = session
         self.path = path
@@ -183,7 +177,7 @@ class OnnxClassifier(Predictor):
     def _from_source(cls, source: str | bytes, threads: int | None, path: Path | None) -> OnnxClassifier:
         ort = _require("onnxruntime")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or _cores()
+        options.intra_op_num_threads = threads or usable_cores()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: no notes about folded initialisers on the user's terminal
         label = path or "model"
@@ -195,7 +189,7 @@ class OnnxClassifier(Predictor):
                                  "`fmnist export RUN`") from None
         props = session.get_modelmeta().custom_metadata_map
         try:
-            meta = json.loads(props["model_json"])
+            meta = parse_meta(json.loads(props["model_json"]), str(label))
         except (KeyError, json.JSONDecodeError):
             raise ModelFileError(f"{label}: an ONNX model, but not one exported by fmnist (no model_json "
                                  "metadata); export a run with `fmnist export RUN`") from None
@@ -229,10 +223,10 @@ class OnnxClassifier(Predictor):
         import torch
 
         pixels = self._pixels(images)
-        views = [pixels, np.ascontiguousarray(pixels[:, :, ::-1])] if tta else [pixels]
+        views = tta_views(pixels) if tta else [pixels]
         if calibrated:
             results = [self._run(view, "probabilities", batch_size) for view in views]
         else:
             results = [torch.softmax(torch.from_numpy(self._run(view, "logits", batch_size)), 1).numpy()
                        for view in views]
-        return (results[0] + results[1]) / 2 if tta else results[0]
+        return sum(results) / len(results)

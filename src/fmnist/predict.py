@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fmnist.checkpoint import load_model
-from fmnist.data import CLASS_NAMES
+from fmnist.checkpoint import RunMeta, load_model
+from fmnist.data import preprocess
 from fmnist.devices import resolve_device
 from fmnist.errors import ImageError
+from fmnist.evaluate import class_probabilities
 
 UNSURE_BELOW = 0.5  # a calibrated top probability under this is reported as "unsure"
 
@@ -50,18 +50,17 @@ class Predictor:
     whichever engine (torch, onnxruntime) computes the numbers.
     """
 
-    def __init__(self, meta: dict[str, Any]):
+    def __init__(self, meta: RunMeta):
         self.meta = meta
-        self.classes: list[str] = list(meta.get("classes", CLASS_NAMES))
-        calibration = meta.get("metrics", {}).get("calibration", {})
-        self.temperature = float(calibration.get("temperature", 1.0))
-        self.calibrated = bool(calibration.get("fitted", False))
-        self.unusual_logit_threshold = calibration.get("unusual_logit_threshold")
+        self.classes: list[str] = list(meta.classes)
+        self.temperature = meta.calibration.temperature
+        self.calibrated = meta.calibration.fitted
+        self.unusual_logit_threshold = meta.calibration.unusual_logit_threshold
 
     def __repr__(self) -> str:
-        accuracy = self.meta.get("metrics", {}).get("test_accuracy")
+        accuracy = self.meta.metrics.get("test_accuracy")
         shown = f", test_accuracy={accuracy:.4f}" if isinstance(accuracy, float) else ""
-        return f"{type(self).__name__}({self.meta['architecture']['name']}, preset={self.meta.get('preset')!r}{shown})"
+        return f"{type(self).__name__}({self.meta.architecture.name}, preset={self.meta.preset!r}{shown})"
 
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Raw model outputs, shape (n, 10)."""
@@ -109,13 +108,12 @@ class Classifier(Predictor):
     `device` ("cpu", "auto", "cuda", "cuda:N") is where the forward passes run; inputs and answers stay NumPy.
     """
 
-    def __init__(self, model: nn.Module, meta: dict[str, Any], device: str | torch.device = "cpu"):
+    def __init__(self, model: nn.Module, meta: RunMeta, device: str | torch.device = "cpu"):
         super().__init__(meta)
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = model.to(self.device).eval()
-        norm = meta.get("normalization", {"scale": 1 / 255, "mean": 0.0, "std": 1.0})
-        self._mean, self._std = float(norm["mean"]), float(norm["std"])
-        self._channels_last = bool(meta.get("channels_last", False))
+        self._mean, self._std = meta.normalization.mean, meta.normalization.std
+        self._channels_last = meta.channels_last
         if self._channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -132,16 +130,8 @@ class Classifier(Predictor):
         return self._scaled(check_images(images))
 
     def _scaled(self, array: np.ndarray) -> torch.Tensor:
-        """Checked images to the model's input: one float copy, then the scaling in place (never the caller's array)."""
-        tensor = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # a fresh, writable copy
-        if array.dtype == np.uint8:
-            tensor.div_(255.0)
-        if self._mean != 0.0 or self._std != 1.0:
-            tensor.sub_(self._mean).div_(self._std)
-        tensor = tensor.unsqueeze(1)
-        if self._channels_last:
-            tensor = tensor.contiguous(memory_format=torch.channels_last)
-        return tensor.to(self.device)
+        """Checked images to the model's input on its device (never changing the caller's array)."""
+        return preprocess(array, self._mean, self._std, self._channels_last).to(self.device)
 
     def _batches(self, images: np.ndarray, batch_size: int):
         """Model inputs chunk by chunk: small tensors stay in cache, and no full-size float copy is made."""
@@ -163,12 +153,7 @@ class Classifier(Predictor):
         model was trained without one), so a 90% answer is right about 90% of the time.
         """
         temperature = self.temperature if calibrated else 1.0
-        outputs = []
         with torch.inference_mode():
-            for batch in self._batches(images, batch_size):
-                probabilities = F.softmax(self.model(batch).float() / temperature, dim=1)
-                if tta:
-                    mirrored = F.softmax(self.model(batch.flip(-1)).float() / temperature, dim=1)
-                    probabilities = (probabilities + mirrored) / 2
-                outputs.append(probabilities.cpu())
+            outputs = [class_probabilities(self.model, batch, temperature, tta).cpu()
+                       for batch in self._batches(images, batch_size)]
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)

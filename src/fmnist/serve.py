@@ -28,7 +28,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fmnist import images
+from fmnist.checkpoint import META_FILE
 from fmnist.errors import FmnistError
+from fmnist.hardware import usable_cores
 from fmnist.predict import UNSURE_BELOW, Classifier
 
 WEB_DIR = Path(__file__).with_name("web")
@@ -215,18 +217,18 @@ async def _uploaded_images(request: Request, settings: ServeSettings,
 def model_info(classifier: Classifier) -> dict[str, Any]:
     """What `GET /v1/model` answers and the page shows: enough to know which model is talking."""
     meta = classifier.meta
-    metrics = meta.get("metrics", {})
-    architecture = meta["architecture"]
-    config = architecture.get("config", {})
+    metrics = meta.metrics
+    architecture = meta.architecture
+    config = architecture.config
     shape = "-".join(map(str, config.get("widths") or config.get("hidden") or []))
     return {
-        "name": " ".join(part for part in (architecture["name"], shape) if part),
-        "architecture": architecture,
-        "preset": meta.get("preset"),
+        "name": " ".join(part for part in (architecture.name, shape) if part),
+        "architecture": architecture.model_dump(),
+        "preset": meta.preset,
         "classes": classifier.classes,
         "test_accuracy": metrics.get("test_accuracy"),
         "parameters": metrics.get("parameters"),
-        "created": meta.get("created"),
+        "created": meta.created,
         "calibrated": classifier.calibrated,
         "temperature": classifier.temperature,
         "input": "28x28 grayscale, light garment on black (photos are converted like `fmnist predict` does)",
@@ -237,7 +239,7 @@ def model_info(classifier: Classifier) -> dict[str, Any]:
 def create_app(classifier: Classifier, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application for one loaded model (tests use it with FastAPI's TestClient)."""
     settings = settings or ServeSettings()
-    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(settings.torch_threads or usable_cores())
     batcher = Batcher(classifier, settings.max_batch)
     pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="fmnist-prepare")
     info = model_info(classifier)
@@ -336,7 +338,7 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
 def latest_run(root: str | os.PathLike = "runs") -> Path:
     """The run `fmnist serve` uses when none is named: runs/demo when `make demo` made it, else the newest model."""
     root = Path(root)
-    if (root / "demo" / "model.json").is_file():
+    if (root / "demo" / META_FILE).is_file():
         return root / "demo"
     models = sorted(root.glob("*/model.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if not models:
@@ -351,7 +353,7 @@ def run_server(run_dir: str | os.PathLike, host: str, port: int, settings: Serve
 
     classifier = Classifier.load(run_dir)
     app = create_app(classifier, settings)
-    accuracy = classifier.meta.get("metrics", {}).get("test_accuracy")
+    accuracy = classifier.meta.metrics.get("test_accuracy")
     shown = f", test accuracy {accuracy:.2%}" if isinstance(accuracy, float) and math.isfinite(accuracy) else ""
     print(f"serving {run_dir} ({model_info(classifier)['name']}{shown}) on http://{host}:{port}/  "
           f"(API docs: /docs, Ctrl-C stops)", flush=True)

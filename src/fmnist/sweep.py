@@ -25,9 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import difflib
 import importlib
-import json
 import logging
 import math
 import os
@@ -42,7 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from fmnist import checkpoint
-from fmnist.errors import ConfigError, FmnistError
+from fmnist.config import PRESETS, TrainConfig, preset_value, resolve_config, setting_names
+from fmnist.errors import ConfigError, FmnistError, did_you_mean
+from fmnist.files import atomic_write_text, write_json
+from fmnist.hardware import usable_cores
 from fmnist.runs import read_history
 
 INSTALL_HINT = "pip install 'fmnist[sweep]'"
@@ -110,7 +111,7 @@ class SweepSpec:
         """The longest a trial can train (ASHA's max_t)."""
         if "epochs" in self.space:
             return max(int(value) for value in _candidates(self.space["epochs"]))
-        return int(self.fixed.get("epochs", _preset_value(self.preset, "epochs")))
+        return int(self.fixed.get("epochs", preset_value(self.preset, "epochs")))
 
 
 def load_spec(path: str | os.PathLike) -> SweepSpec:
@@ -139,17 +140,15 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
 
 def parse_spec(values: dict[str, Any], name: str = "sweep") -> SweepSpec:
     """Validate a spec given as a dict (what the YAML file holds) and fill in the defaults."""
-    from fmnist.train import PRESETS
-
     for key in values:
         if key not in SPEC_KEYS:
-            raise ConfigError(f"unknown spec key {key!r}{_did_you_mean(key, SPEC_KEYS)}; "
+            raise ConfigError(f"unknown spec key {key!r}{did_you_mean(key, SPEC_KEYS)}; "
                               f"the keys are {', '.join(SPEC_KEYS)}")
     preset = values.get("preset")
     if not isinstance(preset, str):
         raise ConfigError(f"preset: name the base preset, e.g. `preset: fast` (one of {', '.join(PRESETS)})")
     if preset not in PRESETS:
-        raise ConfigError(f"preset {preset!r} is unknown{_did_you_mean(preset, PRESETS)}; "
+        raise ConfigError(f"preset {preset!r} is unknown{did_you_mean(preset, PRESETS)}; "
                           f"choose one of {', '.join(PRESETS)}")
     metric = values.get("metric", "val_accuracy")
     if metric not in METRICS:
@@ -183,17 +182,12 @@ def parse_spec(values: dict[str, Any], name: str = "sweep") -> SweepSpec:
             where = "fixed" if "seed" in fixed else "space"
             raise ConfigError(f"samples: {samples} repeats the grid with training seeds 0, 1, ..., but {where}.seed "
                               f"sets the seed, so the repeats would be identical; drop {where}.seed or set samples: 1")
-        base = _preset_value(preset, "seed")
+        base = preset_value(preset, "seed")
         spec.space["seed"] = {"grid": [base + repeat for repeat in range(samples)]}
         spec.samples = 1
     _check_trials(spec)
     spec.asha = _asha(values.get("asha"), spec)
     return spec
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _is_int(value: Any) -> bool:
@@ -204,18 +198,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _field_types() -> dict[str, str]:
-    from fmnist.train import TrainConfig
-
-    return {item.name: str(item.type) for item in dataclasses.fields(TrainConfig)}
-
-
-def _preset_value(preset: str, name: str) -> Any:
-    from fmnist.train import PRESETS, TrainConfig
-
-    if name in PRESETS[preset]:
-        return PRESETS[preset][name]
-    return getattr(TrainConfig(), name)
+def _takes_integers(name: str) -> bool:
+    return TrainConfig.model_fields[name].annotation in (int, int | None)
 
 
 def _check_setting(name: str, where: str) -> None:
@@ -223,8 +207,8 @@ def _check_setting(name: str, where: str) -> None:
         raise ConfigError(f"{where}.preset: set the base preset at the top level of the spec (preset: fast)")
     if name == "threads":
         raise ConfigError(f"{where}.threads: set torch threads per trial with the top-level trial_threads key")
-    if name not in _field_types():
-        raise ConfigError(f"{where}: unknown setting {name!r}{_did_you_mean(name, _field_types())}; "
+    if name not in TrainConfig.model_fields:
+        raise ConfigError(f"{where}: unknown setting {name!r}{did_you_mean(name, setting_names())}; "
                           "see the TrainConfig fields in fmnist.train")
 
 
@@ -241,7 +225,6 @@ def _space(values: Any, search: str) -> dict[str, dict[str, Any]]:
         raise ConfigError("space is empty; name at least one setting to search, like `lr: {loguniform: [0.02, 0.5]}`")
     if not isinstance(values, dict):
         raise ConfigError("space must be a mapping of setting -> distribution, like `lr: {loguniform: [0.02, 0.5]}`")
-    types = _field_types()
     space = {}
     for name, distribution in values.items():
         where = f"space.{name}"
@@ -251,7 +234,7 @@ def _space(values: Any, search: str) -> dict[str, dict[str, Any]]:
                               f"like {{choice: [a, b]}}; put a single value under fixed instead")
         (kind, args), = distribution.items()
         if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}: unknown distribution {kind!r}{_did_you_mean(kind, DISTRIBUTIONS)}; "
+            raise ConfigError(f"{where}: unknown distribution {kind!r}{did_you_mean(kind, DISTRIBUTIONS)}; "
                               f"use one of {', '.join(DISTRIBUTIONS)}")
         if kind in ("choice", "grid"):
             if not isinstance(args, list) or not args:
@@ -268,7 +251,7 @@ def _space(values: Any, search: str) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"{where}: {kind} needs numbers [low, high] with low < high, got {args!r}")
             elif kind == "loguniform" and low <= 0:
                 raise ConfigError(f"{where}: loguniform needs positive bounds, got {args!r}; use uniform to include 0")
-            elif types[name].startswith("int"):
+            elif _takes_integers(name):
                 raise ConfigError(f"{where}: {kind} draws fractional numbers but {name} takes integers; "
                                   "use randint: [low, high] or choice")
         if search == "random" and kind == "grid":
@@ -292,7 +275,7 @@ def _add_validation(spec: SweepSpec) -> None:
     if "validation" in spec.space:
         values = _candidates(spec.space["validation"])
     else:
-        values = [spec.fixed.get("validation", _preset_value(spec.preset, "validation"))]
+        values = [spec.fixed.get("validation", preset_value(spec.preset, "validation"))]
         if "validation" not in spec.fixed and not values[0]:
             spec.fixed["validation"] = DEFAULT_VALIDATION
             return
@@ -303,8 +286,6 @@ def _add_validation(spec: SweepSpec) -> None:
 
 def _check_trials(spec: SweepSpec) -> None:
     """Every value in the space must make a valid TrainConfig: fail now, not in trial 7 an hour from now."""
-    from fmnist.train import resolve_config
-
     base = {name: _candidates(distribution)[0] for name, distribution in spec.space.items()}
     try:
         resolve_config(spec.preset, spec.overrides(base))
@@ -328,7 +309,7 @@ def _asha(value: Any, spec: SweepSpec) -> dict[str, Any] | None:
                           f"got {value!r}")
     for key in value:
         if key not in ASHA_DEFAULTS:
-            raise ConfigError(f"asha: unknown key {key!r}{_did_you_mean(key, ASHA_DEFAULTS)}; "
+            raise ConfigError(f"asha: unknown key {key!r}{did_you_mean(key, ASHA_DEFAULTS)}; "
                               "the keys are grace_period, reduction_factor")
     asha = {**ASHA_DEFAULTS, **value}
     grace, factor = asha["grace_period"], asha["reduction_factor"]
@@ -369,7 +350,8 @@ def _trainable(params: dict[str, Any], *, arrays: tuple, settings: dict[str, Any
     import numpy as np
     from ray import tune
 
-    from fmnist.train import resolve_config, train
+    from fmnist.events import EpochEnd, EpochStart
+    from fmnist.train import train
 
     metric = settings["metric"]
     overrides = {**settings["fixed"], **{k: _plain(v) for k, v in params.items()}, "threads": settings["threads"]}
@@ -383,10 +365,10 @@ def _trainable(params: dict[str, Any], *, arrays: tuple, settings: dict[str, Any
         tune.report({metric: row[metric], "epoch": row["epoch"], "loss": row["loss"], "accuracy": row["accuracy"],
                      **extra})
 
-    def progress(event: dict[str, Any]) -> None:
-        if event["event"] == "epoch_end":
-            pending.append({key: event[key] for key in (metric, "epoch", "loss", "accuracy")})
-        elif event["event"] == "epoch_start" and pending:
+    def progress(event: Any) -> None:
+        if isinstance(event, EpochEnd):
+            pending.append({key: event.row[key] for key in (metric, "epoch", "loss", "accuracy")})
+        elif isinstance(event, EpochStart) and pending:
             report(pending.pop())
 
     result = train(config, out_dir=run_dir, arrays=arrays, progress=progress)
@@ -408,27 +390,12 @@ def _muted(name: str) -> Iterator[None]:
 
 def _finish_stopped(run_dir: Path, arrays: tuple) -> None:
     """Turn a stopped trial's resume checkpoint into a full run folder, as Ctrl-C would have (same code path)."""
-    import torch
+    from fmnist.train import StopRequest, train
 
-    from fmnist.train import train
-
-    def stop_at_once(event: dict[str, Any]) -> None:
-        if event["event"] == "epoch_start":
-            raise KeyboardInterrupt  # train() keeps the last complete epoch and writes the run folder
-
-    threads = torch.get_num_threads()  # train() sets the trial's thread count process-wide
-    try:
-        with _muted("fmnist.train"):  # "interrupted; keeping the last complete epoch" is expected here
-            train(resume=run_dir, arrays=arrays, progress=stop_at_once)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    stop = StopRequest()
+    stop.request()  # stop before the first step: train() keeps the last complete epoch and writes the run folder
+    with _muted("fmnist.train"):  # "interrupted; keeping the last complete epoch" is expected here
+        train(resume=run_dir, arrays=arrays, stop=stop)
 
 
 def _error_text(error: BaseException) -> str:
@@ -445,15 +412,7 @@ def _error_line(error: BaseException | None) -> str | None:
 
 def default_concurrency(trial_threads: int) -> int:
     """Trials at once when not told: the cores divided by the threads per trial, at least one."""
-    return max(1, cpu_count() // trial_threads)
-
-
-def cpu_count() -> int:
-    """The cores this process may use (its CPU affinity where the OS has one, as in containers), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    return max(1, usable_cores() // trial_threads)
 
 
 def _trial_callback(progress: Callable[[dict[str, Any]], None] | None, metric: str, params: dict[str, dict],
@@ -559,7 +518,7 @@ def run_sweep(
     _check_data_size(spec, arrays)
     trials_dir.mkdir(parents=True, exist_ok=True)
 
-    cores = cpu_count()
+    cores = usable_cores()
     started = time.perf_counter()
     settings = {"preset": spec.preset, "fixed": spec.fixed, "metric": spec.metric, "threads": spec.trial_threads,
                 "trials": str(trials_dir)}
@@ -601,7 +560,7 @@ def _check_data_size(spec: SweepSpec, arrays: tuple) -> None:
     """A validation split as large as the training set would fail every trial; say so before starting Ray."""
     if {"validation", "train_subset", "split"} & set(spec.space):
         return
-    fixed = {name: spec.fixed.get(name, _preset_value(spec.preset, name))
+    fixed = {name: spec.fixed.get(name, preset_value(spec.preset, name))
              for name in ("validation", "train_subset", "split")}
     if fixed["split"] != "standard":
         return
@@ -622,17 +581,17 @@ def _collect(run_dir: Path, params: dict[str, Any] | None, error: BaseException 
                            "error": _error_line(error), "best": False}
     if error is not None:  # the whole traceback, since Tune's own records are temporary
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_text(run_dir / "error.txt", _error_text(error) + "\n")
+        atomic_write_text(run_dir / "error.txt", _error_text(error) + "\n")
         row["error"] += f" (traceback in {row['run']}/error.txt)"
         return row
     finished = (run_dir / checkpoint.META_FILE).exists()
-    if not finished and (run_dir / "resume.json").exists():
+    if not finished and (run_dir / checkpoint.RESUME_META).exists():
         try:
             _finish_stopped(run_dir, arrays)
         except FmnistError as failure:
             row["error"] = str(failure)
-    metrics = _read_json(run_dir / "metrics.json")
-    if metrics is None or not (run_dir / checkpoint.META_FILE).exists():
+    metrics = checkpoint.read_json_or_empty(run_dir / checkpoint.METRICS_FILE)
+    if not metrics or not (run_dir / checkpoint.META_FILE).exists():
         row["status"] = "failed" if ended else "interrupted"
         row["error"] = row["error"] or "the trial ended before finishing an epoch"
         return row
@@ -679,13 +638,13 @@ def write_report(out_dir: Path, spec: SweepSpec, trials: list[dict[str, Any]], s
     import ray
 
     best = next((trial for trial in trials if trial["best"]), None)
-    checkpoint.write_json(out_dir / "sweep.json", {
+    write_json(out_dir / "sweep.json", {
         "spec": spec.to_dict(), "metric": spec.metric, "mode": spec.mode,
         "best": best["trial"] if best else None,
         "trials": trials, "seconds": round(seconds, 1), "max_concurrent": max_concurrent, "ray": ray.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
-    checkpoint.atomic_write_text(out_dir / "sweep.md", _markdown(spec, trials, seconds))
+    atomic_write_text(out_dir / "sweep.md", _markdown(spec, trials, seconds))
     if best:
         _point_best(out_dir, Path("trials") / best["trial"])
 
@@ -727,4 +686,4 @@ def _point_best(out_dir: Path, target: Path) -> None:
     except OSError:
         temporary.unlink(missing_ok=True)
         if not link.is_dir():
-            checkpoint.atomic_write_text(link, f"{target.as_posix()}\n")
+            atomic_write_text(link, f"{target.as_posix()}\n")

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from fmnist import data, train
+from fmnist.events import EpochEnd
 from fmnist.predict import Classifier
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -57,7 +58,7 @@ def test_a_gpu_run_resumes_on_the_cpu(tmp_path, real_data_source):
     config = train.resolve_config("fast", {"epochs": 2, "validation": 2000, "widths": [16, 32, 64]})
 
     def stop_after_epoch_one(event):
-        if event["event"] == "epoch_end" and event["epoch"] == 1:
+        if isinstance(event, EpochEnd) and event.epoch == 1:
             raise KeyboardInterrupt
 
     arrays = real_subset(real_data_source)

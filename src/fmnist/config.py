@@ -1,0 +1,257 @@
+"""`TrainConfig`, the one schema of a training run, and the presets, with the evidence that chose each.
+
+The schema is a pydantic model: field types and ranges are declared once and checked by pydantic, so the CLI's
+train flags, `--config` files, sweep specs and resumed run folders are all validated by this one class, and every
+problem comes out as a one-line `ConfigError` naming the setting and the fix. No torch here: listing presets and
+validating a sweep spec stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fmnist.errors import ConfigError, did_you_mean
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+def _setting(default: Any, help: str, **constraints: Any) -> Any:
+    """A field whose `help` becomes its `fmnist train --flag` help line (see `fmnist.cli`)."""
+    factory = {"default_factory": (lambda: list(default))} if isinstance(default, list) else {"default": default}
+    return Field(description=help, **factory, **constraints)
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a run. Written into the run folder as `config.json`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+    preset: str = _setting("custom", "the preset these settings started from")
+    model: Literal["mlp", "convnet", "keras-cnn"] = _setting("mlp", "architecture: mlp | convnet | keras-cnn")
+    hidden: list[PositiveInt] = _setting([128], "MLP hidden layer sizes, e.g. 300,100", min_length=1)
+    widths: list[PositiveInt] = _setting([32, 64, 128], "ConvNet stage widths, e.g. 32,64,128", min_length=1)
+    depth: int = _setting(1, "ConvNet blocks per stage", ge=1)
+    dropout: Fraction = _setting(0.0, "dropout before the last layer(s)")
+    optimizer: Literal["adam", "adamw", "sgd"] = _setting("adam", "adam | adamw | sgd")
+    lr: float = _setting(1e-3, "peak learning rate", gt=0)
+    momentum: float = _setting(0.0, "SGD momentum", ge=0, lt=1)
+    nesterov: bool = _setting(False, "Nesterov momentum (SGD)")
+    weight_decay: float = _setting(0.0, "L2 weight decay (not on biases or batch norm)", ge=0)
+    schedule: Literal["constant", "cosine", "onecycle"] = _setting(
+        "constant", "learning-rate schedule: constant | cosine | onecycle")
+    warmup: Fraction = _setting(0.0, "fraction of all steps spent warming up (cosine, onecycle)")
+    batch_size: int = _setting(32, "images per optimiser step", gt=0)
+    epochs: int = _setting(10, "number of epochs", gt=0)
+    validation: int = _setting(0, "training images held out (stratified) for validation; 0 = none", ge=0)
+    split: Literal["standard", "pooled"] = _setting(
+        "standard", "standard (60k train / 10k test) | pooled (all 70k re-split at random, OpenML style)")
+    pooled_test_fraction: float = _setting(0.2, "test share of the pooled split", gt=0, lt=1)
+    normalize: Literal["unit", "standard"] = _setting(
+        "unit", "pixel scaling: unit (x/255, as the Keras projects) | standard (training-set mean and std)")
+    label_smoothing: Fraction = _setting(0.0, "label smoothing of the loss")
+    flip: bool = _setting(False, "random horizontal flips")
+    translate: int = _setting(0, "random shifts by up to N pixels", ge=0)
+    erase: Fraction = _setting(0.0, "random erasing of a square this fraction of the side (half the images)")
+    tta: bool = _setting(False, "also report flip test-time augmentation on the test set")
+    stop_at: float | None = _setting(None, "stop as soon as the monitored metric reaches this value")
+    patience: int = _setting(0, "stop after N epochs without improvement, restoring the best weights", ge=0)
+    monitor: Literal["accuracy", "loss", "val_accuracy", "val_loss"] = _setting(
+        "accuracy", "metric for --stop-at and --patience: accuracy | loss | val_accuracy | val_loss")
+    precision: Literal["fp32", "bf16", "auto"] = _setting(
+        "fp32", "fp32 | bf16 (autocast) | auto (bf16 where the CPU or GPU computes it natively, else fp32)")
+    channels_last: bool = _setting(False, "channels-last memory format (faster convolutions on CPU)")
+    threads: int | None = _setting(None, "torch threads; unset: one per core", ge=1)
+    seed: int = _setting(0, "random seed: same seed, same machine, same weights")
+    train_subset: int | None = _setting(None, "train on the first N training images only (smoke runs)", ge=1)
+    test_subset: int | None = _setting(None, "test on the first N test images only (smoke runs)", ge=1)
+    track_test: bool = _setting(False, "also measure test accuracy after every epoch (for plots, not selection)")
+    description: str = _setting("", "a note kept with the run")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigError(_one_line(error)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as error:
+            raise ConfigError(_one_line(error)) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.monitor.startswith("val_") and not self.validation:
+            raise ValueError(f"monitor {self.monitor} needs a validation split; add --validation 5000")
+        return self
+
+    def validate(self) -> TrainConfig:  # type: ignore[override]  # pydantic's is a deprecated classmethod
+        """Check the settings again (after in-place changes) and return self; problems raise `ConfigError`."""
+        TrainConfig(**self.to_dict())
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, as written to `config.json`."""
+        return self.model_dump()
+
+    def architecture(self) -> dict[str, Any]:
+        """The `{name, config}` that `create_model` rebuilds the network from."""
+        if self.model == "mlp":
+            return {"name": "mlp", "config": {"hidden": list(self.hidden), "dropout": self.dropout}}
+        if self.model == "convnet":
+            return {"name": "convnet", "config": {"widths": list(self.widths), "depth": self.depth,
+                                                  "dropout": self.dropout}}
+        return {"name": "keras-cnn", "config": {"dropout": self.dropout}}
+
+
+def setting_names() -> list[str]:
+    """Every TrainConfig field, in declaration order."""
+    return list(TrainConfig.model_fields)
+
+
+def _one_line(error: ValidationError) -> str:
+    """The first problem pydantic found, said the way a user fixes it: setting, value, what is allowed."""
+    problem = error.errors()[0]
+    location = [str(part) for part in problem["loc"]]
+    name = location[0] if location else "config"
+    value = problem.get("input")
+    kind, context = problem["type"], problem.get("ctx", {})
+    if kind == "extra_forbidden":
+        return f"unknown setting {name!r}{did_you_mean(name, setting_names())}"
+    if kind == "value_error":
+        return str(context.get("error", problem["msg"]))
+    field = TrainConfig.model_fields.get(name)
+    if kind == "literal_error" and field is not None:
+        allowed = ", ".join(str(choice) for choice in get_args(field.annotation))
+        return f"{name} {value!r} is not one of {allowed}"
+    if len(location) > 1 or kind in ("too_short", "list_type"):  # an item of a list setting
+        return f"setting {name} must be a list of positive integers, got {_shown(name, value, error)}"
+    wanted = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+              "string_type": "a string", "missing": "given"}.get(kind)
+    if wanted:
+        return f"setting {name} must be {wanted}, got {value!r}"
+    bounds = _bounds(field)
+    if bounds == {"gt": 0}:
+        return f"{name} must be positive, got {value}"
+    if bounds == {"ge": 0}:
+        return f"{name} must be zero or more, got {value}"
+    if set(bounds) == {"ge"}:
+        return f"{name} must be at least {bounds['ge']}, got {value}"
+    if bounds:
+        low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds.get('gt')}"
+        return f"{name} must be in {low}, {bounds.get('lt')})" + f", got {value}"
+    return f"setting {name}: {problem['msg']} (got {value!r})"
+
+
+def _shown(name: str, value: Any, error: ValidationError) -> Any:
+    """The whole list the user gave, not only its bad item."""
+    for problem in error.errors():
+        if problem["loc"] == (name,):
+            return problem.get("input")
+    return value
+
+
+def _bounds(field: Any) -> dict[str, Any]:
+    bounds: dict[str, Any] = {}
+    for item in getattr(field, "metadata", []) or []:
+        for key in ("gt", "ge", "lt", "le"):
+            if getattr(item, key, None) is not None:
+                bounds[key] = getattr(item, key)
+    return bounds
+
+
+# Presets: the classic Keras projects, exactly, and the fast CNNs. `evidence` says what chose each setting;
+# `expect` (the latest measured accuracy and time) comes from benchmarks/ via preset_results.json.
+PRESETS: dict[str, dict[str, Any]] = {
+    "classic-adam": dict(
+        description="TensorFlow tutorial: Dense 128, Adam 1e-3, batch 32, 10 epochs",
+        evidence="the TensorFlow 'basic classification' tutorial, copied setting for setting",
+        model="mlp", hidden=[128], optimizer="adam", lr=1e-3, batch_size=32, epochs=10),
+    "classic-sgd": dict(
+        description="Dense 300 -> 100, SGD 0.01, batch 32, 30 epochs, 5,000 validation images",
+        evidence="Geron's Hands-On ML chapter 10 Fashion-MNIST MLP, copied setting for setting",
+        model="mlp", hidden=[300, 100], optimizer="sgd", lr=0.01, batch_size=32, epochs=30, validation=5000),
+    "classic-narrow": dict(
+        description="two hidden layers of 4 units, Adam, 20 epochs: what width buys",
+        evidence="the classic 'too narrow' teaching example; kept to show under-capacity",
+        model="mlp", hidden=[4, 4], optimizer="adam", lr=1e-3, batch_size=32, epochs=20),
+    "classic-earlystop": dict(
+        description="Dense 128, Adam, up to 50 epochs, stop once training accuracy reaches 95%",
+        evidence="the Keras callback tutorial that stops at 95% training accuracy, copied",
+        model="mlp", hidden=[128], optimizer="adam", lr=1e-3, batch_size=32, epochs=50, stop_at=0.95,
+        monitor="accuracy"),
+    "classic-resplit": dict(
+        description="Dense 128, Adam, 10 epochs on the 70,000 images re-split 80/20 at random (OpenML style)",
+        evidence="the fetch_openml + train_test_split projects: same network as classic-adam, their split",
+        model="mlp", hidden=[128], optimizer="adam", lr=1e-3, batch_size=32, epochs=10, split="pooled"),
+    "keras-cnn": dict(
+        description="the typical Keras CNN (Conv32-pool-Conv64-pool-Dense128), Adam, batch 32, 10 epochs",
+        evidence="the common Keras CNN of the Fashion-MNIST tutorials; channels-last measured faster on CPU",
+        model="keras-cnn", optimizer="adam", lr=1e-3, batch_size=32, epochs=10, channels_last=True),
+    # The CNN presets were chosen on a 5,000-image validation split (see the issue notes): flips help at every
+    # length; shifts cost accuracy in short schedules and did not help at 25 epochs; width beats epochs.
+    # fast and default keep that split to calibrate their confidence: label smoothing leaves them under-confident
+    # (ECE 0.109 -> 0.007 after temperature scaling, measured on `fast`).
+    "fast": dict(
+        description="BN ConvNet 32-64-128, one-cycle SGD, flips, bf16 where the CPU computes it: about a minute",
+        evidence="earlier validation runs (numbers not kept): flips helped, shifts hurt at 5 epochs; 92.05% "
+                 "test, median of 3 seeds",
+        model="convnet", widths=[32, 64, 128], optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, schedule="onecycle", warmup=0.2, batch_size=256, epochs=5, normalize="standard",
+        label_smoothing=0.1, flip=True, tta=True, channels_last=True, precision="auto",
+        validation=5000),
+    "default": dict(
+        description="BN ConvNet 64-128-256, one-cycle SGD, flips, 10 epochs: a few minutes on 2 cores",
+        evidence="earlier validation runs (numbers not kept): wider stages beat more epochs; 93.30% test, median "
+                 "of 3 seeds",
+        model="convnet", widths=[64, 128, 256], optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, schedule="onecycle", warmup=0.2, batch_size=256, epochs=10, normalize="standard",
+        label_smoothing=0.1, flip=True, tta=True, channels_last=True, precision="auto",
+        validation=5000),
+    "best": dict(
+        description="two blocks per stage, 64-128-256, flips + 1-pixel shifts, 28 epochs: about 30 min on 2 cores",
+        evidence="earlier validation runs (numbers not kept): shifts pay only in long schedules; 95.07% test, "
+                 "1 seed",
+        model="convnet", widths=[64, 128, 256], depth=2, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, schedule="onecycle", warmup=0.2, batch_size=256, epochs=28, normalize="standard",
+        label_smoothing=0.1, flip=True, translate=1, tta=True, channels_last=True, precision="auto"),
+}
+DEFAULT_PRESET = "default"
+PRESET_NOTES = ("evidence",)  # preset keys that document a preset and are not settings
+# Median results per preset from the latest benchmark, written by benchmarks/ (shipped inside the package).
+PRESET_RESULTS = Path(__file__).with_name("preset_results.json")
+
+
+def preset_settings(preset: str) -> dict[str, Any]:
+    """A preset's settings (without its notes); unknown names get a "did you mean" `ConfigError`."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}{did_you_mean(preset, PRESETS)}; "
+                          "see `fmnist train --list-presets`")
+    return {key: value for key, value in PRESETS[preset].items() if key not in PRESET_NOTES}
+
+
+def preset_value(preset: str, name: str) -> Any:
+    """One setting as a preset gives it (the schema's default where the preset is silent)."""
+    settings = preset_settings(preset)
+    return settings[name] if name in settings else TrainConfig.model_fields[name].get_default(
+        call_default_factory=True)
+
+
+def resolve_config(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A preset's config with overrides applied (None values ignored); every problem is a `ConfigError`."""
+    values = {"preset": preset, **preset_settings(preset)}
+    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    return TrainConfig(**values)
+
+
+def preset_expectations() -> dict[str, dict[str, Any]]:
+    """`{preset: {"test_accuracy": ..., "train_seconds": ...}}` from the latest benchmark, or {} if none."""
+    try:
+        return json.loads(PRESET_RESULTS.read_text())["presets"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return {}

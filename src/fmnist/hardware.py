@@ -1,0 +1,29 @@
+"""What this machine offers: the cores this process may use, and which CPU it is (for results files).
+
+Torch-free, so sweeps and the CLI can size their pools without loading torch.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and `taskset` narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, e.g. 'AMD EPYC 9B14', from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
