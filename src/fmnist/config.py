@@ -9,14 +9,31 @@ validating a sweep spec stay fast.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from fmnist.errors import ConfigError, did_you_mean
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?")
+
+
+def parse_duration(value: Any) -> Any:
+    """"3m", "90s", "1h30m" or a number of seconds -> seconds (float); anything else is left for the schema to
+    refuse."""
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip().lower().replace(" ", ""))
+        if match and value.strip() and any(match.groups()):
+            hours, minutes, seconds = (float(part or 0) for part in match.groups())
+            return hours * 3600 + minutes * 60 + seconds
+        raise ValueError(f"budget {value!r} is not a duration; write it like 3m, 90s, 1h30m or a number of seconds")
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 PositiveInt = Annotated[int, Field(gt=0)]
+Duration = Annotated[Annotated[float, Field(gt=0)] | None, BeforeValidator(parse_duration)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
@@ -69,6 +86,9 @@ class TrainConfig(BaseModel):
     seed: int = _setting(0, "random seed: same seed, same machine, same weights")
     train_subset: int | None = _setting(None, "train on the first N training images only (smoke runs)", ge=1)
     test_subset: int | None = _setting(None, "test on the first N test images only (smoke runs)", ge=1)
+    budget: Duration = _setting(
+        None, "fit training into this wall time (3m, 90s, 1h): time a few steps here, then choose the epochs "
+              "(the one-cycle schedule follows)", json_schema_extra={"flag": "duration"})
     track_test: bool = _setting(False, "also measure test accuracy after every epoch (for plots, not selection)")
     description: str = _setting("", "a note kept with the run")
 
@@ -76,13 +96,13 @@ class TrainConfig(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as error:
-            raise ConfigError(_one_line(error)) from None
+            raise ConfigError(_one_line(error, values)) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         try:
             super().__setattr__(name, value)
         except ValidationError as error:
-            raise ConfigError(_one_line(error)) from None
+            raise ConfigError(_one_line(error, {name: value})) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -114,7 +134,7 @@ def setting_names() -> list[str]:
     return list(TrainConfig.model_fields)
 
 
-def _one_line(error: ValidationError) -> str:
+def _one_line(error: ValidationError, given: dict[str, Any]) -> str:
     """The first problem pydantic found, said the way a user fixes it: setting, value, what is allowed."""
     problem = error.errors()[0]
     location = [str(part) for part in problem["loc"]]
@@ -130,12 +150,12 @@ def _one_line(error: ValidationError) -> str:
         allowed = ", ".join(str(choice) for choice in get_args(field.annotation))
         return f"{name} {value!r} is not one of {allowed}"
     if len(location) > 1 or kind in ("too_short", "list_type"):  # an item of a list setting
-        return f"setting {name} must be a list of positive integers, got {_shown(name, value, error)}"
+        return f"setting {name} must be a list of positive integers, got {given.get(name, value)!r}"
     wanted = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
               "string_type": "a string", "missing": "given"}.get(kind)
     if wanted:
         return f"setting {name} must be {wanted}, got {value!r}"
-    bounds = _bounds(field)
+    bounds = _bounds(field) or {key: context[key] for key in ("gt", "ge", "lt", "le") if key in context}
     if bounds == {"gt": 0}:
         return f"{name} must be positive, got {value}"
     if bounds == {"ge": 0}:
@@ -146,14 +166,6 @@ def _one_line(error: ValidationError) -> str:
         low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds.get('gt')}"
         return f"{name} must be in {low}, {bounds.get('lt')})" + f", got {value}"
     return f"setting {name}: {problem['msg']} (got {value!r})"
-
-
-def _shown(name: str, value: Any, error: ValidationError) -> Any:
-    """The whole list the user gave, not only its bad item."""
-    for problem in error.errors():
-        if problem["loc"] == (name,):
-            return problem.get("input")
-    return value
 
 
 def _bounds(field: Any) -> dict[str, Any]:

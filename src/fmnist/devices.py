@@ -13,8 +13,8 @@ import re
 import torch
 
 from fmnist.errors import ConfigError
+from fmnist.hardware import DEVICE_HELP
 
-DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
 
 
 def node_position() -> tuple[int, int] | None:

@@ -2,8 +2,8 @@
 
 Temporary files are created 0600; the renamed file gets the mode a plain open() would give (0666 minus the
 umask), so a model, figure or dataset file made by one user can be read by another (a server, a teammate).
-The umask is read once, at import. No heavy imports here: `runs`, `sweep`, `data`, `plots` and the CLI's listing
-commands use it without loading torch.
+The umask is read once, at import, without changing it. No heavy imports here: `runs`, `sweep`, `data`, `plots`
+and the CLI's listing commands use it without loading torch.
 """
 
 from __future__ import annotations
@@ -14,9 +14,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
+
+def _read_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (a set-and-restore elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()
 
 
 def publish(temporary: str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -9,6 +9,8 @@ import os
 import platform
 from pathlib import Path
 
+DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
+
 
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity, which containers and `taskset` narrow), at least 1."""

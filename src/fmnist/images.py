@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -31,10 +30,6 @@ DEFAULT_MAX_PIXELS = 40_000_000
 MIN_CONTRAST = 24
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
-# Our own pixel limit is checked from the header before decoding, so Pillow's softer warning between its limit and
-# twice that adds nothing. Filtered once here: toggling filters per call is not thread-safe (the web service decodes
-# uploads in a thread pool).
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | np.ndarray | Image.Image
 

@@ -1,28 +1,23 @@
 """Every figure fmnist draws. Each function takes plain data, returns a matplotlib Figure, and never trains.
 
-Headless: the `Agg` backend is selected on import so figures render on servers and in CI, except inside a
-Jupyter kernel or when MPLBACKEND names one, so that notebooks show the figures inline.
+Importing this module changes no process-wide setting: matplotlib picks its backend as usual (a headless one
+where there is no display, inline in Jupyter), and the `fmnist` command selects `Agg` at its entry point.
 `save_figure` writes atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-if "ipykernel" not in sys.modules and not os.environ.get("MPLBACKEND"):
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from fmnist.data import CLASS_NAMES  # noqa: E402
-from fmnist.files import publish  # noqa: E402
+from fmnist.data import CLASS_NAMES
+from fmnist.files import publish
 
 RIGHT = "#1a9641"
 WRONG = "#d7191c"

@@ -303,6 +303,48 @@ def run_epoch(loop: Loop, tensors: Tensors, epoch: int, stop: StopRequest, emit:
             "lr": loop.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3)}
 
 
+PROBE_WARMUP_STEPS = 3  # the first steps pay for oneDNN's kernel selection and allocations: not timed
+PROBE_STEPS = 8
+BUDGET_SHARE = 0.92  # of the budget planned for the epochs: timing noise and the probe itself stay inside it
+
+
+def fit_to_budget(config: TrainConfig, tensors: Tensors, group, device: torch.device) -> tuple[TrainConfig, dict]:
+    """The config with as many epochs as fit `config.budget` seconds on this machine, and what was measured.
+
+    A few real training steps run on a throwaway copy of the model (same architecture, batch, precision and
+    augmentation), then one validation pass is timed; the global RNG is restored, so the run itself draws
+    exactly what it would without a budget. Ranks under torchrun agree on the mean of their estimates.
+    """
+    started = time.perf_counter()
+    rng = torch.get_rng_state()
+    probe = build_loop(config, len(tensors.y_train), None, device)
+    batches = iter(data.iterate_batches(len(tensors.y_train), config.batch_size, torch.Generator().manual_seed(0)))
+    for step in range(PROBE_WARMUP_STEPS + PROBE_STEPS):
+        if step == PROBE_WARMUP_STEPS:
+            timed_from = time.perf_counter()
+        index = next(batches, None)
+        if index is None:
+            batches = iter(data.iterate_batches(len(tensors.y_train), config.batch_size))
+            index = next(batches)
+        loss, _ = train_step(probe, *_batch(probe, tensors, index), config.lr / 25)
+        loss.item()  # wait for the step (asynchronous on a GPU)
+    step_seconds = (time.perf_counter() - timed_from) / PROBE_STEPS
+    validation_seconds = 0.0
+    if tensors.x_val is not None or config.track_test:
+        timed_from = time.perf_counter()
+        evaluate.predict_logits(probe.model, tensors.x_val if tensors.x_val is not None else tensors.x_test)
+        validation_seconds = (time.perf_counter() - timed_from) * (1 + config.track_test)
+    torch.set_rng_state(rng)
+    epoch_seconds = probe.steps_per_epoch * step_seconds + validation_seconds
+    left = config.budget * BUDGET_SHARE - (time.perf_counter() - started)
+    epochs = max(1, int(left // epoch_seconds))
+    if group is not None:
+        epochs = max(1, int(distributed.sum_across(group, [epochs])[0] // group.world))
+    plan = {"seconds": config.budget, "epochs": epochs, "step_ms": round(step_seconds * 1000, 2),
+            "epoch_seconds_estimate": round(epoch_seconds, 2), "probe_seconds": round(time.perf_counter() - started, 2)}
+    return config.model_copy(update={"epochs": epochs}), plan
+
+
 class EarlyStopping:
     """`stop_at` (a target for the monitored metric) and `patience` (epochs without improvement, keeping the
     best weights): says why training should stop, or None."""
@@ -447,6 +489,11 @@ def _train(config: TrainConfig, run_dir: Path | None, arrays, data_dir, resuming
     main = group is None or group.main
     emit = (progress if main else None) or (lambda event: None)
     tensors = prepare_tensors(config, arrays, data_dir, device)
+    budget = None
+    if config.budget and not resuming:  # a resumed run keeps the epochs its budget chose
+        config, budget = fit_to_budget(config, tensors, group, device)
+        log.info("budget %.0f s: %d epochs of about %.1f s", budget["seconds"], budget["epochs"],
+                 budget["epoch_seconds_estimate"])
     loop = build_loop(config, len(tensors.y_train), group, device)
     state = RunState()
     if resuming:  # every rank reads the same checkpoint
@@ -464,6 +511,8 @@ def _train(config: TrainConfig, run_dir: Path | None, arrays, data_dir, resuming
     run_epochs(loop, tensors, state, run_dir, stop, emit)
     calibration = calibrate(loop.model, tensors.x_val, tensors.y_val)
     metrics = final_metrics(loop, tensors, state, calibration)
+    if budget is not None:
+        metrics["budget"] = budget
     model = loop.model.cpu()
     if run_dir is not None:
         write_run(run_dir, model, config, state.history, metrics, calibration)

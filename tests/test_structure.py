@@ -1,0 +1,157 @@
+"""The single sources of truth: the config schema, the model file (versioned), preprocessing, stopping, settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fmnist import checkpoint, data
+from fmnist import train as training
+from fmnist.cli import main
+from fmnist.config import TrainConfig, resolve_config, setting_names
+from fmnist.errors import ConfigError, ModelFileError
+from fmnist.events import EpochEnd, EpochStart, Start
+from fmnist.predict import Classifier
+
+
+def tiny_arrays(n: int = 400) -> tuple:
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 10
+    images = (rng.random((n, 28, 28)) * 40).astype(np.uint8)
+    for index, label in enumerate(labels):  # a bright bar whose row encodes the class: learnable in an epoch
+        images[index, 2 + 2 * label, :] = 255
+    return (images, labels.astype(np.uint8)), (images[:100].copy(), labels[:100].astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("structure") / "run"
+    config = resolve_config("classic-adam", {"epochs": 1, "validation": 120, "hidden": [16]})
+    training.train(config, arrays=tiny_arrays(), out_dir=run)
+    return run
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"epochs": "5"}, "setting epochs must be an integer, got '5'"),
+    ({"lr": True}, "setting lr must be a number"),
+    ({"hidden": [32, 0]}, "setting hidden must be a list of positive integers, got [32, 0]"),
+    ({"epoch": 3}, "unknown setting 'epoch'; did you mean 'epochs'?"),
+    ({"precision": "fp16"}, "precision 'fp16' is not one of fp32, bf16, auto"),
+    ({"momentum": 1.5}, "momentum must be in [0, 1), got 1.5"),
+    ({"threads": 0}, "threads must be at least 1, got 0"),
+])
+def test_config_errors_are_one_line_and_name_the_setting(values, message):
+    with pytest.raises(ConfigError) as caught:
+        TrainConfig(**values)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_assignment_is_validated_too():
+    config = TrainConfig()
+    with pytest.raises(ConfigError, match="batch_size must be positive"):
+        config.batch_size = 0
+
+
+def test_every_setting_has_a_documented_train_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    for name in setting_names():
+        if name != "preset":
+            assert f"--{name.replace('_', '-')}" in shown, name
+            first_words = " ".join(TrainConfig.model_fields[name].description.split()[:2])
+            assert first_words in " ".join(shown.split()), name
+
+
+def test_a_format_1_model_file_still_loads(calibrated_run, tmp_path):
+    meta = json.loads((calibrated_run / checkpoint.META_FILE).read_text())
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION and meta["calibration"]["fitted"]
+    assert "calibration" not in meta["metrics"]  # the temperature lives with the model, not under metrics
+    old = {**meta, "format_version": 1, "metrics": {**meta["metrics"], "calibration": meta["calibration"]}}
+    del old["calibration"]
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / checkpoint.WEIGHTS_FILE).write_bytes((calibrated_run / checkpoint.WEIGHTS_FILE).read_bytes())
+    (folder / checkpoint.META_FILE).write_text(json.dumps(old))
+    loaded, new = Classifier.load(folder), Classifier.load(calibrated_run)
+    assert loaded.calibrated and loaded.temperature == new.temperature != 1.0
+    images = tiny_arrays()[1][0][:8]
+    np.testing.assert_array_equal(loaded.predict_proba(images), new.predict_proba(images))
+
+
+def test_a_newer_model_file_is_refused_with_the_fix(calibrated_run, tmp_path):
+    meta = json.loads((calibrated_run / checkpoint.META_FILE).read_text())
+    folder = tmp_path / "future"
+    folder.mkdir()
+    (folder / checkpoint.META_FILE).write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ModelFileError, match="newer fmnist.*upgrade fmnist"):
+        checkpoint.read_meta(folder)
+
+
+def test_preprocess_scales_uint8_and_float_alike_without_touching_the_input():
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    as_float = pixels.astype(np.float32) / 255
+    frozen = pixels.copy()
+    frozen.flags.writeable = False
+    mean, std = data.normalization(True)
+    a = data.preprocess(frozen, mean, std)
+    b = data.preprocess(as_float, mean, std)
+    assert a.shape == (3, 1, 28, 28) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, (torch.from_numpy(pixels).float() / 255 - mean).div(std).unsqueeze(1))
+    np.testing.assert_array_equal(as_float, pixels.astype(np.float32) / 255)  # the caller's array is unchanged
+    flipped = data.tta_views(pixels)[1]
+    np.testing.assert_array_equal(data.preprocess(flipped), data.tta_views(data.preprocess(pixels))[1])
+
+
+def test_stop_request_ends_a_run_after_its_last_complete_epoch(tmp_path):
+    stop = training.StopRequest()
+    seen = []
+
+    def progress(event):
+        seen.append(type(event))
+        if isinstance(event, EpochStart) and event.epoch == 2:
+            stop.request()
+
+    config = resolve_config("classic-adam", {"epochs": 3, "hidden": [16], "threads": 1})
+    before = torch.get_num_threads()
+    result = training.train(config, arrays=tiny_arrays(), out_dir=tmp_path / "run", progress=progress, stop=stop)
+    assert result.interrupted and result.metrics["epochs_run"] == 1
+    assert seen[0] is Start and seen.count(EpochEnd) == 1
+    assert torch.get_num_threads() == before  # the run's thread count did not leak into the process
+    assert json.loads((tmp_path / "run" / checkpoint.METRICS_FILE).read_text())["interrupted"] is True
+
+
+def test_listing_runs_does_not_load_torch(calibrated_run):
+    code = ("import sys\nfrom fmnist.cli import main\n"
+            f"assert main(['runs', {str(calibrated_run.parent)!r}]) == 0\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False", result.stdout
+    assert "run" in result.stdout
+
+
+def test_a_budget_chooses_the_epochs_and_records_them(tmp_path):
+    config = resolve_config("classic-adam", {"budget": "2s", "hidden": [16], "validation": 100})
+    assert config.budget == 2.0
+    result = training.train(config, arrays=tiny_arrays(), out_dir=tmp_path / "run")
+    plan = result.metrics["budget"]
+    assert plan["seconds"] == 2.0 and plan["epochs"] >= 1 and plan["step_ms"] > 0
+    assert result.config.epochs == plan["epochs"] == result.metrics["epochs_planned"]
+    saved = json.loads((tmp_path / "run" / checkpoint.CONFIG_FILE).read_text())
+    assert saved["epochs"] == plan["epochs"] and saved["budget"] == 2.0
+
+
+@pytest.mark.parametrize("text,seconds", [("3m", 180.0), ("90s", 90.0), ("1h30m", 5400.0), ("45", 45.0)])
+def test_budget_durations(text, seconds):
+    assert TrainConfig(budget=text).budget == seconds
+
+
+def test_a_bad_budget_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="budget '3 minutes' is not a duration; write it like 3m"):
+        TrainConfig(budget="3 minutes")
