@@ -155,3 +155,22 @@ def test_budget_durations(text, seconds):
 def test_a_bad_budget_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="budget '3 minutes' is not a duration; write it like 3m"):
         TrainConfig(budget="3 minutes")
+
+
+@pytest.mark.parametrize("probes,limit,expected,bf16", [
+    ({"_is_amx_tile_supported": True}, "", "AMX", True),
+    ({"_is_avx512_bf16_supported": True}, "", "AVX512-BF16", True),
+    ({"_is_avx512_supported": True}, "", "AVX512", False),  # bf16 only emulated: slower than fp32
+    ({"_is_avx2_supported": True}, "", "AVX2", False),
+    ({"_is_amx_tile_supported": True}, "AVX2", "AVX2", False),  # the laptop emulation on a Xeon
+    ({"_is_amx_tile_supported": True}, "AVX512_CORE_BF16", "AVX512-BF16", True),
+])
+def test_auto_precision_follows_the_cpu_class(monkeypatch, probes, limit, expected, bf16):
+    from fmnist import devices
+
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_avx512_supported",
+                 "_is_avx2_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda value=probes.get(name, False): value, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    assert devices.cpu_class() == expected
+    assert training.resolve_precision("auto", torch.device("cpu")) == ("bf16" if bf16 else "fp32")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist import checkpoint, data, devices, distributed, evaluate, events
+from fmnist import checkpoint, data, devices, distributed, evaluate, events, hardware
 from fmnist.config import DEFAULT_PRESET, PRESETS, TrainConfig, preset_expectations, resolve_config
 from fmnist.errors import ConfigError
 from fmnist.models import count_parameters, create_model
@@ -540,7 +540,8 @@ def final_metrics(loop: Loop, tensors: Tensors, state: RunState, calibration: ch
     if state.history and "val_accuracy" in state.history[-1]:
         metrics["val_accuracy"], metrics["val_loss"] = state.history[-1]["val_accuracy"], state.history[-1]["val_loss"]
     metrics.update(device=devices.describe(loop.device), processes=loop.group.world if loop.group else 1,
-                   precision=loop.precision, calibration=calibration.model_dump(exclude_none=True))
+                   precision=loop.precision, cpu=hardware.cpu_model(), cpu_class=devices.cpu_class(),
+                   calibration=calibration.model_dump(exclude_none=True))
     return metrics
 
 
