@@ -170,7 +170,8 @@ def test_auto_precision_follows_the_cpu_class(monkeypatch, probes, limit, expect
 
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_avx512_supported",
                  "_is_avx2_supported"):
-        monkeypatch.setattr(torch.cpu, name, lambda value=probes.get(name, False): value, raising=False)
+        value = probes.get(name, False)
+        monkeypatch.setattr(torch.cpu, name, lambda value=value: value, raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
     assert devices.cpu_class() == expected
     assert training.resolve_precision("auto", torch.device("cpu")) == ("bf16" if bf16 else "fp32")

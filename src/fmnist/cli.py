@@ -1,16 +1,21 @@
-"""The `fmnist` command. Thin: parse flags, call the library, print. Exit 0 ok, 1 failure, 2 bad input."""
+"""The `fmnist` command. Thin: parse flags, call the library, print what fmnist.report formats.
+
+Exit 0 ok, 1 failure, 2 bad input.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+from fmnist import report
 from fmnist.checkpoint import EVALUATION_FILE, META_FILE
 from fmnist.config import PRESETS, TrainConfig, setting_names
 from fmnist.errors import ConfigError, FmnistError
@@ -30,9 +35,15 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", action="store_true", help="skip the MD5 check (for custom IDX data)")
 
 
+def _print_lines(lines: Sequence[str], file: typing.TextIO | None = None) -> None:
+    """Print report lines one by one (nothing at all for no lines), like the single prints they replace."""
+    for line in lines:
+        print(line, file=file)
+
+
 # ----------------------------------------------------------------------------------------------- data
 def _add_device(parser: argparse.ArgumentParser) -> None:
-    from fmnist.devices import DEVICE_HELP
+    from fmnist.hardware import DEVICE_HELP
 
     parser.add_argument("--device", default="auto", help=f"where to compute: {DEVICE_HELP}")
 
@@ -43,20 +54,15 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
     from fmnist import data
 
     source = data.locate_data(args.data_dir)
-    print(f"dataset:   Fashion-MNIST ({source.format.upper()}) in {source.path} (found via {source.origin})")
+    print(report.dataset_line(source.format, source.path, source.origin))
     splits = {split: data.load_split(source, split, verify=not args.no_verify) for split in ("train", "test")}
     if source.format == "idx":
-        print("checksums: " + ("skipped (--no-verify)" if args.no_verify else "all 4 files match the published MD5"))
-    header = f"{'class':<14}" + "".join(f"{s:>8}" for s in splits)
-    print(header)
-    counts = {s: np.bincount(y, minlength=data.NUM_CLASSES) for s, (_, y) in splits.items()}
-    for index, name in enumerate(data.CLASS_NAMES):
-        print(f"{index} {name:<12}" + "".join(f"{counts[s][index]:>8}" for s in splits))
-    print(f"{'total':<14}" + "".join(f"{len(y):>8}" for _, y in splits.values()))
+        print(report.checksums_line(verified=not args.no_verify))
+    counts = {s: np.bincount(y, minlength=data.NUM_CLASSES).tolist() for s, (_, y) in splits.items()}
+    _print_lines(report.class_count_table(data.CLASS_NAMES, counts))
     for split, (x, _) in splits.items():
         pixels = x.astype(np.float32) / 255.0
-        print(f"{split} pixels: mean {pixels.mean():.4f}, std {pixels.std():.4f} (on 0..1), "
-              f"shape {x.shape}, dtype {x.dtype}")
+        print(report.pixel_stats_line(split, float(pixels.mean()), float(pixels.std()), x.shape, str(x.dtype)))
     return 0
 
 
@@ -139,7 +145,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        if typing.get_origin(kind) is typing.Literal:
+        if (field.json_schema_extra or {}).get("flag") == "duration":  # "3m", "90s": the schema parses it
+            parse, metavar = str, "TIME"
+        elif typing.get_origin(kind) is typing.Literal:
             parse, metavar = str, "{" + ",".join(typing.get_args(kind)) + "}"
         else:
             parse = _ints if typing.get_origin(kind) is list else kind if kind in (int, float) else str
@@ -150,17 +158,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 def _list_presets() -> int:
     from fmnist.config import preset_expectations
 
-    expected = preset_expectations()
-    print(f"{'preset':<18} {'expected (latest benchmark)':<32} description")
-    for name, values in PRESETS.items():
-        row = expected.get(name)
-        shown = f"{row['test_accuracy']:.2%} in {row['train_seconds']:.0f} s" if row else "not benchmarked yet"
-        print(f"{name:<18} {shown:<32} {values['description']}")
+    _print_lines(report.presets_table(PRESETS, preset_expectations()))
     return 0
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 class _ProgressPrinter:
@@ -181,23 +180,15 @@ class _ProgressPrinter:
         elif isinstance(event, events.EpochStart) and self.bar:
             self.bar.reset(self.task, epoch=event.epoch, metrics="")
         elif isinstance(event, events.Step) and self.bar:
-            self.bar.update(self.task, completed=event.step,
-                            metrics=f"loss {event.loss:.4f} accuracy {event.accuracy:.4f}")
+            self.bar.update(self.task, completed=event.step, metrics=report.step_metrics(event.loss, event.accuracy))
         elif isinstance(event, events.EpochEnd):
-            row = event.row
-            parts = [f"epoch {event.epoch:>3}", f"loss {row['loss']:.4f}", f"accuracy {row['accuracy']:.4f}"]
-            parts += [f"{key} {row[key]:.4f}" for key in ("val_loss", "val_accuracy", "test_accuracy") if key in row]
-            line = "  ".join([*parts, f"{row['seconds']:.1f}s"])
+            line = report.epoch_line(event.epoch, event.row)
             (self.bar.console.print(line, highlight=False) if self.bar else print(line, flush=True))
         elif isinstance(event, events.End) and self.bar:
             self.bar.stop()
 
     def _start(self, event) -> None:
-        config = event.config
-        where = event.device + (f" and {event.processes - 1} more processes" if event.processes > 1 else "")
-        print(f"training {config.preset} ({config.model}, {event.parameters:,} parameters) on "
-              f"{event.train_size:,} images, {_count(event.epochs, 'epoch')} of {event.steps_per_epoch} steps, "
-              f"on {where}, {event.precision}")
+        print(report.train_start_line(event))
         if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -239,14 +230,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         plots.save_figure(plots.training_curves(result.history, result.config.label_smoothing),
                           out_dir / "plots" / "curves.png")
     if not args.quiet:
-        if metrics["stop_reason"]:
-            print(f"stopped early: {metrics['stop_reason']}")
-        tta = f" (with flip TTA {metrics['test_accuracy_tta']:.4f})" if "test_accuracy_tta" in metrics else ""
-        calibrated = (f" ({metrics['test_loss_calibrated']:.4f} calibrated)" if "test_loss_calibrated" in metrics
-                      else "")
-        print(f"test accuracy {metrics['test_accuracy']:.4f}{tta}, test loss {metrics['test_loss']:.4f}{calibrated}, "
-              f"{_count(metrics['epochs_run'], 'epoch')} in {metrics['train_seconds']:.1f} s of training")
-        print(f"run folder: {out_dir}")
+        _print_lines(report.train_summary_lines(metrics, out_dir))
     if result.interrupted:
         print(f"interrupted after epoch {metrics['epochs_run']}; continue with "
               f"`fmnist train --resume {out_dir}`", file=sys.stderr)
@@ -268,26 +252,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     classifier = Classifier.load(args.run, device=args.device)
     x_test, y_test = _test_set(classifier, args.data_dir)
-    report = evaluate.classification_report(classifier.predict_proba(x_test), y_test, classifier.classes)
-    report_tta = evaluate.classification_report(classifier.predict_proba(x_test, tta=True), y_test, classifier.classes)
+    scores = evaluate.classification_report(classifier.predict_proba(x_test), y_test, classifier.classes)
+    scores_tta = evaluate.classification_report(classifier.predict_proba(x_test, tta=True), y_test, classifier.classes)
     result = {"test_size": len(y_test), "calibrated": classifier.calibrated,
-              "temperature": classifier.temperature, **report,
-              "tta": {"accuracy": report_tta["accuracy"], "loss": report_tta["loss"]}}
+              "temperature": classifier.temperature, **scores,
+              "tta": {"accuracy": scores_tta["accuracy"], "loss": scores_tta["loss"]}}
     write_json(Path(args.run) / EVALUATION_FILE, result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{classifier!r} on {len(y_test):,} test images")
-    print(f"probabilities calibrated on the validation split (temperature {classifier.temperature:.2f})"
-          if classifier.calibrated else "probabilities not calibrated (the run had no validation split)")
-    print(f"test loss {report['loss']:.4f}  test accuracy {report['accuracy']:.4f}  "
-          f"(flip TTA: loss {report_tta['loss']:.4f}, accuracy {report_tta['accuracy']:.4f})")
-    print(f"\n{'class':<14}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
-    for row in report["per_class"]:
-        print(f"{row['class']:<14}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>9}")
-    print("\nmost confused (true -> predicted):")
-    for pair in report["most_confused"]:
-        print(f"  {pair['true']:>12} -> {pair['predicted']:<12} {pair['count']:>4} images")
+    _print_lines(report.evaluation_lines(repr(classifier), result))
     print(f"\nwrote {Path(args.run) / EVALUATION_FILE}")
     return 0
 
@@ -307,22 +281,11 @@ def _image_files(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-def _print_answer(title: str, answer: dict) -> None:
-    best = answer["top"][0]
-    flags = []
-    if answer.get("unusual"):
-        flags.append("this does not look like a Fashion-MNIST garment")
-    if answer["unsure"]:
-        flags.append("unsure")
-    print(f"{title}: {best['class']} ({best['probability']:.1%})" + (f"  [{'; '.join(flags)}]" if flags else ""))
-    for item in answer["top"]:
-        print(f"    {item['class']:<12} {item['probability']:7.2%} {'#' * int(round(item['probability'] * 30))}")
-
-
 def _predict_files(args: argparse.Namespace, classifier) -> int:
     import numpy as np
 
     from fmnist import images
+    from fmnist.files import atomic_write_text
 
     rows, failures, shown = [], 0, []
     for path in _image_files(args.files):
@@ -339,12 +302,12 @@ def _predict_files(args: argparse.Namespace, classifier) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif args.csv:
-        _write_predictions_csv(Path(args.csv), rows, classifier.classes)
+        atomic_write_text(Path(args.csv), report.predictions_csv(rows, classifier.classes))
         print(f"wrote {args.csv} ({len(rows) - failures} predicted, {failures} failed)")
     else:
         for row in rows:
             if "error" not in row:
-                _print_answer(row["file"], row)
+                _print_lines(report.answer_lines(row["file"], row))
     if args.show and shown:
         from fmnist import plots
 
@@ -355,25 +318,6 @@ def _predict_files(args: argparse.Namespace, classifier) -> int:
         print("note: this model was trained without a validation split, so its probabilities are not calibrated",
               file=sys.stderr)
     return 2 if failures else 0
-
-
-def _write_predictions_csv(path: Path, rows: list[dict], classes: Sequence[str]) -> None:
-    import csv
-    import io
-
-    from fmnist.files import atomic_write_text
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["file", "predicted", "probability", "unsure", "unusual", "error", *classes])
-    for row in rows:
-        if "error" in row:
-            writer.writerow([row["file"], "", "", "", "", row["error"], *[""] * len(classes)])
-        else:
-            best = row["top"][0]
-            writer.writerow([row["file"], best["class"], f"{best['probability']:.6f}", row["unsure"], row["unusual"],
-                             "", *(f"{row['probabilities'][c]:.6f}" for c in classes)])
-    atomic_write_text(path, buffer.getvalue())
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -399,11 +343,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for item in rows:
-        mark = "right" if item["predicted"] == item["true"] else "WRONG"
-        print(f"test image {item['index']}: {item['predicted']} ({item['probability']:.1%}), "
-              f"true {item['true']} [{mark}]")
-        for name, p in sorted(item["probabilities"].items(), key=lambda kv: -kv[1]):
-            print(f"    {name:<12} {p:7.2%} {'#' * int(round(p * 30))}")
+        _print_lines(report.labelled_image_lines(item))
     return 0
 
 
@@ -479,52 +419,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     concurrency = args.max_concurrent or min(sweep.default_concurrency(spec.trial_threads), spec.trial_count())
     arrays = data.load_data(args.data_dir, verify=not args.no_verify)
     if not args.quiet:
-        stopping = f", ASHA on {spec.metric}" if spec.asha else ""
-        count = spec.trial_count()
-        print(f"sweep {spec.name}: {count} trial{'s' if count != 1 else ''} of preset {spec.preset} "
-              f"({spec.search} search{stopping}), {concurrency} at a time with {spec.trial_threads} torch thread(s) "
-              f"each, into {out_dir}", flush=True)
+        print(report.sweep_start_line(spec, concurrency, out_dir), flush=True)
 
-    def report(event: dict) -> None:
-        if args.quiet:
-            return
-        if event["event"] == "trial_start":
-            print(f"{event['trial']} started: {sweep.format_params(event['params'])}", flush=True)
-        elif event["event"] == "trial_result":
-            print(f"{event['trial']} epoch {event['epoch']}: {event['metric']} {event['value']:.4f}", flush=True)
-        elif event["event"] == "trial_error":
-            print(f"{event['trial']} failed", flush=True)
+    def on_event(event: dict) -> None:
+        line = None if args.quiet else report.sweep_event_line(event)
+        if line is not None:
+            print(line, flush=True)
 
-    trials = sweep.run_sweep(spec, out_dir, arrays=arrays, max_concurrent=concurrency, progress=report)
-    _print_sweep(spec, trials, out_dir)
+    trials = sweep.run_sweep(spec, out_dir, arrays=arrays, max_concurrent=concurrency, progress=on_event)
+    _print_lines(report.sweep_table(spec.metric, trials, out_dir))
+    _print_lines(report.sweep_failures(trials), file=sys.stderr)
+    print(f"wrote {out_dir / 'sweep.json'} and {out_dir / 'sweep.md'}")
     cut = [trial["trial"] for trial in trials if trial["status"] == "interrupted"]
     if cut:
         print(f"interrupted: {len(cut)} trial(s) did not finish ({', '.join(cut)})", file=sys.stderr)
         return 130
     return 0
-
-
-def _print_sweep(spec, trials: list[dict], out_dir: Path) -> None:
-    from fmnist.sweep import format_params
-
-    width = max(len("trial"), *(len(trial["trial"]) for trial in trials))
-    print(f"\n{'rank':>5}  {'trial':<{width}}  {spec.metric:>12}  {'epochs':>6}  {'status':<13} {'test acc':>8}  "
-          "params")
-    for trial in trials:
-        rank = f"{'*' if trial['best'] else ''}{trial['rank']}"
-        value = f"{trial['metric']:.4f}" if trial["metric"] is not None else "-"
-        epochs = f"{trial['epochs_run']}/{trial['epochs_planned']}" if trial["epochs_planned"] else "-"
-        test = f"{trial['test_accuracy']:.2%}" if trial["test_accuracy"] is not None else "-"
-        print(f"{rank:>5}  {trial['trial']:<{width}}  {value:>12}  {epochs:>6}  {trial['status']:<13} {test:>8}  "
-              f"{format_params(trial['params'])}")
-    best = next((trial for trial in trials if trial["best"]), None)
-    if best:
-        print(f"* best: {best['trial']} ({spec.metric} {best['metric']:.4f}), run folder {out_dir / best['run']} "
-              f"(also {out_dir / 'best'})")
-    failed = [trial for trial in trials if trial["status"] == "failed"]
-    for trial in failed[:3]:
-        print(f"{trial['trial']} failed: {trial['error']}", file=sys.stderr)
-    print(f"wrote {out_dir / 'sweep.json'} and {out_dir / 'sweep.md'}")
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -560,18 +470,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             raise ConfigError("no trained run under runs/; name one (fmnist serve RUN) or train one with "
                               "`make demo` or `fmnist train`") from None
-    limits = {"--port": (args.port, 0, 65535), "--max-mb": (args.max_mb, 0.001, 10_000),
-              "--max-pixels": (args.max_pixels, 1, 10**10), "--max-images": (args.max_images, 1, 100_000),
-              "--workers": (args.workers, 1, 256), "--max-batch": (args.max_batch, 1, 65536),
-              "--threads": (args.threads or 1, 1, 1024)}
-    for flag, (value, low, high) in limits.items():
-        if not low <= value <= high:
-            raise ConfigError(f"{flag} {value} is out of range; use {low}..{high}")
-    _check_port_free(args.host, args.port)
-    settings = serve.ServeSettings(max_bytes=int(args.max_mb * serve.MiB), max_pixels=args.max_pixels,
-                                   max_images=args.max_images, prepare_workers=args.workers,
-                                   torch_threads=args.threads, max_batch=args.max_batch)
-    serve.run_server(args.run, args.host, args.port, settings, log_level=args.log_level)
+    settings = serve.ServeSettings(  # checks every range; --threads 0 means the default, one per core
+        host=args.host, port=args.port, max_bytes=args.max_mb * serve.MiB, max_pixels=args.max_pixels,
+        max_images=args.max_images, prepare_workers=args.workers, max_batch=args.max_batch,
+        torch_threads=args.threads or None)
+    _check_port_free(settings.host, settings.port)
+    serve.run_server(args.run, settings, log_level=args.log_level)
     return 0
 
 
@@ -585,14 +489,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no runs under {args.dir}; train one with `fmnist train`")
         return 0
-    width = max(len("run"), *(len(row["name"]) for row in rows))
-    print(f"{'run':<{width}}  {'preset':<18} {'model':<10} {'test acc':>8} {'train s':>8} {'epochs':>6}  created")
-    for row in rows:
-        accuracy = f"{row['test_accuracy']:.2%}" if row["test_accuracy"] is not None else row["state"]
-        seconds = f"{row['train_seconds']:.0f}" if row["train_seconds"] is not None else "-"
-        created = (row["created"] or "-")[:16].replace("T", " ")
-        print(f"{row['name']:<{width}}  {row['preset'] or '-':<18} {row['model'] or '-':<10} {accuracy:>8} "
-              f"{seconds:>8} {row['epochs'] if row['epochs'] is not None else '-':>6}  {created}")
+    _print_lines(report.runs_table(rows))
     return 0
 
 
@@ -609,13 +506,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        width = max(14, *(len(name) for name in names))
-        print(f"{'':<14}" + "".join(f"{name:>{width + 2}}" for name in names))
-        for key, shown in (("preset", "{}"), ("model", "{}"), ("test_accuracy", "{:.2%}"),
-                           ("val_accuracy", "{:.2%}"), ("train_seconds", "{:.1f}"), ("epochs", "{}"),
-                           ("state", "{}")):
-            values = [shown.format(row[key]) if row[key] is not None else "-" for row in rows]
-            print(f"{key:<14}" + "".join(f"{value:>{width + 2}}" for value in values))
+        _print_lines(report.compare_table(names, rows))
     histories = {name: read_history(Path(run)) for name, run in zip(names, args.runs, strict=True)}
     histories = {name: history for name, history in histories.items() if history}
     if histories:
@@ -779,6 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("MPLBACKEND", "Agg")  # the command only writes figures; never a window, on any machine
     try:
         return int(args.func(args) or 0)
     except FmnistError as error:
