@@ -10,19 +10,22 @@ import asyncio
 import io
 import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'fmnist[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from fmnist import data, images  # noqa: E402
+from fmnist import data, images, serve  # noqa: E402
 from fmnist.cli import main  # noqa: E402
+from fmnist.errors import ConfigError  # noqa: E402
 from fmnist.predict import Classifier  # noqa: E402
-from fmnist.serve import WEB_DIR, Batcher, ServeSettings, create_app, latest_run  # noqa: E402
+from fmnist.serve import WEB_DIR, Batcher, PredictJson, ServeSettings, create_app, latest_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +97,16 @@ def test_page_and_assets_are_served_without_external_urls(client):
 
 
 def test_openapi_documents_both_request_bodies(client):
+    """The JSON body's schema is the request model's, so the docs cannot drift from what the server accepts."""
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
+    schema = body["application/json"]["schema"]
+    assert schema == PredictJson.model_json_schema()
+    assert set(schema["properties"]) == {"image", "images", "scale"}
+    assert schema["properties"]["scale"]["enum"] == [255, 1]
+    assert schema["properties"]["image"]["maxItems"] == 28 and schema["properties"]["image"]["type"] == "array"
+    assert body["multipart/form-data"]["schema"]["properties"]["file"]["items"]["format"] == "binary"
     assert client.get("/docs").status_code == 200
 
 
@@ -181,9 +191,88 @@ def test_too_many_files_or_images_is_413(client, test_images):
     ({"images": []}, 422, r"non-empty list"),
     ({"pixels": []}, 422, r'"image".*"images"'),
     ([1, 2, 3], 422, r'"image".*"images"'),
+    ({"image": [[0] * 28] * 28, "scale": True}, 422, r'"scale" must be 255'),
+    ({"image": [[0] * 28] * 28, "images": None}, 422, r'"image".*"images"'),
+    ({"image": None}, 422, r'"image".*"images"'),
 ])
 def test_wrong_json_is_422(client, body, status, pattern):
     assert_error(client.post("/v1/predict", json=body), status, pattern)
+
+
+def test_json_accepts_what_it_always_did(client):
+    """Whole-number floats for "scale", numeric strings as pixels and unknown keys, as before the request model."""
+    image = [[0] * 28] * 28
+    for body in ({"image": image, "scale": 255.0}, {"image": [["0"] * 28] * 28, "scale": 1.0},
+                 {"images": [image], "note": "ignored"}):
+        assert client.post("/v1/predict", json=body).status_code == 200, body
+
+
+# The parser refuses what would cost a stack, a quadratic int conversion or a 500; each a 4xx with one line.
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("body", [DEEP, b'{"image": ' + DEEP + b"}", b'{"images": [' + DEEP + b"]}"],
+                         ids=["top", "image", "images"])
+def test_deeply_nested_json_is_400(classifier, body):
+    with TestClient(create_app(classifier, ServeSettings(max_bytes=1_000_000))) as big_client:
+        assert_error(post_json_text(big_client, body), 400, r"nested too deeply")
+
+
+def post_json_text(client, text: str):
+    """POST a JSON body written verbatim (numbers Python's json module would not write, or could not read)."""
+    return client.post("/v1/predict", content=text, headers={"content-type": "application/json"})
+
+
+def image_with(pixel: str) -> str:
+    """A 28x28 JSON array of zeros with one pixel written as `pixel`."""
+    rows = [["0"] * 28 for _ in range(28)]
+    rows[5][7] = pixel
+    return "[" + ",".join("[" + ",".join(row) + "]" for row in rows) + "]"
+
+
+@pytest.mark.parametrize("where", ["pixel", "scale", "unknown key"])
+def test_integers_over_4300_digits_are_400(client, where):
+    huge = "9" * 5000  # json.loads raised ValueError here (Python's int digit limit): a 500
+    body = {"pixel": '{"image": ' + image_with(huge) + "}", "scale": '{"image": [[0]], "scale": ' + huge + "}",
+            "unknown key": '{"image": [[0]], "note": ' + huge + "}"}[where]
+    assert_error(post_json_text(client, body), 400, r"number too long to read .*pixel values run 0\.\.255")
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1" + "0" * 400, "NaN", "Infinity"])
+def test_numbers_beyond_a_float_are_422(client, number):
+    assert_error(post_json_text(client, '{"image": ' + image_with(number) + "}"), 422,
+                 r"pixel values must be numbers from 0 to 255")
+    assert_error(post_json_text(client, '{"image": [[0]], "scale": ' + number + "}"), 422, r'"scale" must be 255')
+
+
+def test_a_body_of_bad_values_costs_one_error_not_one_per_value():
+    """Validation stops at the first bad pixel: collecting 2 million errors for a 10 MB body took 20 s of CPU."""
+    bad = json.dumps({"images": [[["x"] * 28] * 28] * 50})
+    with pytest.raises(ValidationError) as caught:
+        PredictJson.model_validate_json(bad)
+    assert caught.value.error_count() == 1
+
+
+def test_json_body_is_parsed_off_the_event_loop(client, monkeypatch):
+    """While one JSON body is being parsed, the server keeps answering other requests."""
+    entered, release, threads = threading.Event(), threading.Event(), []
+    parse = serve._json_images
+
+    def slow_parse(*args):
+        threads.append(threading.current_thread().name)
+        entered.set()
+        release.wait(10)
+        return parse(*args)
+
+    monkeypatch.setattr(serve, "_json_images", slow_parse)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.post, "/v1/predict", json={"image": [[0] * 28] * 28})
+        assert entered.wait(10)
+        assert client.get("/healthz").status_code == 200  # answered on the loop while the parse is still held
+        assert not pending.done()
+        release.set()
+        assert pending.result(10).status_code == 200
+    assert threads and threads[0].startswith("fmnist-prepare")
 
 
 def test_malformed_requests_are_4xx_json(client):
@@ -264,6 +353,12 @@ def test_serve_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, run):
     assert "no trained run under runs/" in capsys.readouterr().err
     assert main(["serve", str(run), "--port", "70000"]) == 2
     assert "--port 70000 is out of range" in capsys.readouterr().err
+    for flags, message in ((["--max-mb", "nan"], "--max-mb nan is out of range; use 0.001..10000"),
+                           (["--max-mb", "0.0001"], "--max-mb 0.0001 is out of range; use 0.001..10000"),
+                           (["--threads", "-1"], "--threads -1 is out of range; use 1..1024"),
+                           (["--workers", "0"], "--workers 0 is out of range; use 1..256")):
+        assert main(["serve", str(run), *flags]) == 2
+        assert f"fmnist: error: {message}\n" == capsys.readouterr().err
     import socket
 
     with socket.socket() as busy:
@@ -273,6 +368,33 @@ def test_serve_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, run):
     assert "choose another --port" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "fmnist: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"port": 70000}, "--port 70000 is out of range; use 0..65535"),
+    ({"max_bytes": 20_000 * 1024 * 1024}, "--max-mb 20000 is out of range; use 0.001..10000"),
+    ({"max_bytes": float("inf")}, "--max-mb inf is out of range; use 0.001..10000"),
+    ({"max_pixels": 0}, "--max-pixels 0 is out of range; use 1..10000000000"),
+    ({"max_images": 100_001}, "--max-images 100001 is out of range; use 1..100000"),
+    ({"prepare_workers": 257}, "--workers 257 is out of range; use 1..256"),
+    ({"max_batch": 0}, "--max-batch 0 is out of range; use 1..65536"),
+    ({"torch_threads": 0}, "--threads 0 is out of range; use 1..1024"),
+    ({"port": "8000"}, "--port must be a whole number, got '8000'"),
+    ({"max_image": 3}, "unknown serve setting 'max_image'; did you mean 'max_images'?"),
+])
+def test_serve_settings_check_their_ranges(values, message):
+    """ServeSettings holds the ranges `fmnist serve` used to check by hand, and names the flag in the error."""
+    with pytest.raises(ConfigError) as caught:
+        ServeSettings(**values)
+    assert str(caught.value) == message
+
+
+def test_serve_settings_take_megabytes_from_the_cli():
+    """`--max-mb 0.001` (the smallest allowed) arrives as a float of bytes and is rounded, not refused."""
+    assert ServeSettings(max_bytes=0.001 * serve.MiB).max_bytes == 1049
+    assert ServeSettings(torch_threads=None, port=0).port == 0
+    with pytest.raises(ValidationError):  # frozen: a running app's limits cannot drift
+        ServeSettings().port = 1
 
 
 def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys, run):

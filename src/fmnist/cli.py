@@ -515,13 +515,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command-line interface; sub-commands register their handler as `func`."""
-    parser = argparse.ArgumentParser(prog="fmnist", formatter_class=_Formatter,
-                                     description="Fashion-MNIST with PyTorch: data, training, evaluation, plots.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_data(commands: argparse._SubParsersAction) -> None:
+    """`fmnist data info|show|fetch`."""
     data_parser = commands.add_parser("data", help="find, inspect, show and fetch the dataset",
                                       formatter_class=_Formatter)
     data_commands = data_parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -544,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "default: $FMNIST_MIRROR, then upstream")
     fetch.add_argument("--retries", type=int, default=3, help="attempts per file and mirror")
     fetch.set_defaults(func=_cmd_data_fetch)
+
+
+def _add_training_commands(commands: argparse._SubParsersAction) -> None:
+    """Training and measuring a model: train, evaluate."""
     train_parser = commands.add_parser("train", help="train a model from a preset (flags override it)",
                                        formatter_class=_Formatter)
     train_parser.add_argument("--preset", default="default", help="starting configuration; see --list-presets")
@@ -570,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(evaluate_parser)
     evaluate_parser.set_defaults(func=_cmd_evaluate)
 
+
+
+def _add_prediction_commands(commands: argparse._SubParsersAction) -> None:
+    """What a trained model answers and draws: predict, plot, export."""
     predict_parser = commands.add_parser(
         "predict", help="class probabilities for your photos or for test images", formatter_class=_Formatter,
         description="Predict your own photos (any format Pillow reads; folders are walked) or test images.\n"
@@ -613,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--out", metavar="FILE", default=None, help="file to write (default: RUN/model.onnx)")
     export_parser.set_defaults(func=_cmd_export)
 
+
+def _add_run_commands(commands: argparse._SubParsersAction) -> None:
+    """The commands around many runs or a service: sweep, runs, compare, serve."""
     sweep_parser = commands.add_parser(
         "sweep", help="a hyper-parameter search with Ray Tune: one run folder per trial, ranked",
         formatter_class=_Formatter,
@@ -662,6 +668,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                               help="uvicorn's access/error log level (info logs every request)")
     serve_parser.set_defaults(func=_cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command-line interface; sub-commands register their handler as `func`."""
+    parser = argparse.ArgumentParser(prog="fmnist", formatter_class=_Formatter,
+                                     description="Fashion-MNIST with PyTorch: data, training, evaluation, plots.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_data(commands)
+    _add_training_commands(commands)
+    _add_prediction_commands(commands)
+    _add_run_commands(commands)
     return parser
 
 

@@ -4,20 +4,19 @@ One model, one inference thread. Requests that arrive while the model is busy ar
 forward pass (micro-batching without an added wait), so 16 clients cost about one batch of 16, not 16 batches, and
 torch's intra-op threads never compete with each other. Uploads are decoded and prepared in a small bounded thread
 pool with the same `fmnist.images.prepare` as `fmnist predict`, so the CLI and the service answer alike. Every user
-mistake is a 4xx JSON `{"error": "..."}` naming the problem and the fix; a 500 means a bug.
+mistake is a 4xx JSON `{"error": "..."}` naming the problem and the fix; a 500 means a bug. JSON bodies are parsed
+and validated by a declared pydantic model (which is also their OpenAPI schema) in that same pool, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -25,11 +24,12 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fmnist import images
 from fmnist.checkpoint import META_FILE
-from fmnist.errors import FmnistError
+from fmnist.errors import ConfigError, FmnistError, did_you_mean
 from fmnist.hardware import usable_cores
 from fmnist.predict import UNSURE_BELOW, Classifier
 
@@ -37,16 +37,62 @@ WEB_DIR = Path(__file__).with_name("web")
 MiB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """Limits and pool sizes; the defaults suit a laptop and the CLI exposes each one."""
+# ----------------------------------------------------------------------------------------------- settings
+# The `fmnist serve` flag behind each setting: a bad value is reported as the flag the user typed.
+_FLAGS = {"host": "--host", "port": "--port", "max_bytes": "--max-mb", "max_pixels": "--max-pixels",
+          "max_images": "--max-images", "prepare_workers": "--workers", "max_batch": "--max-batch",
+          "torch_threads": "--threads"}
 
-    max_bytes: int = 10 * MiB  # whole request body
-    max_pixels: int = 25_000_000  # per image, checked from the header before decoding
-    max_images: int = 64  # per request (files or JSON images)
-    prepare_workers: int = 2  # threads decoding and preparing uploads
-    max_batch: int = 256  # images per forward pass when requests pile up
-    torch_threads: int | None = None  # None: one per core (only one forward pass runs at a time)
+
+class ServeSettings(BaseModel):
+    """Address, limits and pool sizes. The ranges live here, once, so `fmnist serve` and callers of `create_app`
+    get the same one-line `ConfigError`; the defaults suit a laptop and the CLI exposes each one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port
+    max_bytes: int = Field(10 * MiB, ge=round(0.001 * MiB), le=10_000 * MiB)  # whole request body (--max-mb)
+    max_pixels: int = Field(25_000_000, ge=1, le=10**10)  # per image, checked from the header before decoding
+    max_images: int = Field(64, ge=1, le=100_000)  # per request (files or JSON images)
+    prepare_workers: int = Field(2, ge=1, le=256)  # threads parsing JSON bodies, decoding and preparing uploads
+    max_batch: int = Field(256, ge=1, le=65536)  # images per forward pass when requests pile up
+    torch_threads: int | None = Field(None, ge=1, le=1024)  # None: one per core (one forward pass at a time)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigError(_settings_problem(error)) from None
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _whole_bytes(cls, value: Any) -> Any:
+        """The CLI passes `--max-mb` times MiB, a float; a fraction of a byte means nothing."""
+        return round(value) if isinstance(value, float) and math.isfinite(value) else value
+
+
+def _settings_problem(error: ValidationError) -> str:
+    """The first problem in the CLI's words, e.g. `--port 70000 is out of range; use 0..65535`."""
+    problem = error.errors()[0]
+    name = str(problem["loc"][0]) if problem["loc"] else ""
+    value = problem.get("input")
+    if name not in _FLAGS:
+        return f"unknown serve setting {name!r}{did_you_mean(name, _FLAGS)}"
+    bounds = {key: getattr(rule, key) for rule in ServeSettings.model_fields[name].metadata
+              for key in ("ge", "le") if hasattr(rule, key)}
+    unbounded = isinstance(value, float) and not math.isfinite(value)  # nan and inf fail the type check first
+    if bounds and (problem["type"] in ("greater_than_equal", "less_than_equal") or unbounded):
+        low, high = (_in_flag_units(name, bounds[key]) for key in ("ge", "le"))
+        return f"{_FLAGS[name]} {_in_flag_units(name, value)} is out of range; use {low}..{high}"
+    return f"{_FLAGS[name]} must be {'a string' if name == 'host' else 'a whole number'}, got {value!r}"
+
+
+def _in_flag_units(name: str, value: float) -> str:
+    """`max_bytes` is set in megabytes on the command line; the rest as they are."""
+    if name != "max_bytes" or abs(value) >= 1e300:  # an int that large has no float to divide
+        return str(value)
+    return f"{round(value / MiB, 6):g}"
 
 
 class ApiError(Exception):
@@ -156,25 +202,106 @@ class Batcher:
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-def _json_images(body: Any, max_images: int) -> tuple[np.ndarray, list[str]]:
-    """`{"image": 28x28}` or `{"images": [28x28, ...]}`, values 0..255 (or 0..1 with `"scale": 1`), dataset form."""
-    if not isinstance(body, dict) or ("image" in body) == ("images" in body):
-        raise ApiError(422, 'send a JSON object with "image" (one 28x28 array) or "images" (a list of them)')
-    raw = [body["image"]] if "image" in body else body["images"]
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(422, '"images" must be a non-empty list of 28x28 arrays')
-    if len(raw) > max_images:
-        raise ApiError(413, f"{len(raw)} images in one request, over the limit of {max_images}; send them in batches")
-    scale = body.get("scale", 255)
-    if scale not in (1, 255) or isinstance(scale, bool):
-        raise ApiError(422, '"scale" must be 255 (pixels 0..255, the default) or 1 (pixels 0..1)')
+# Rows and images are documented as 28 long but measured after parsing (`_json_images`), so a wrong size is reported
+# as a shape ("got 27x28"), not as the first short row. FailFast: one bad value is enough, and collecting an error
+# for each of a 10 MB body's values took 20 s of CPU.
+_Row = Annotated[list[float], Field(fail_fast=True, json_schema_extra={"minItems": 28, "maxItems": 28})]
+_Image28 = Annotated[list[_Row], Field(fail_fast=True, json_schema_extra={"minItems": 28, "maxItems": 28})]
+_ONE_OF = 'send a JSON object with "image" (one 28x28 array) or "images" (a list of them)'
+_SEND = 'send {"image": [[...28 values], ...]}'
+
+
+def _document_body(schema: dict[str, Any]) -> None:
+    """What the schema cannot infer: "image" and "images" may be left out but are never null, and an example."""
+    for name in ("image", "images"):
+        field = schema["properties"][name]
+        field.update(field.pop("anyOf")[0])
+        field.pop("default", None)
+    schema["examples"] = [{"image": [[0] * 28] * 28}]
+
+
+class PredictJson(BaseModel):
+    """The JSON body of `POST /v1/predict`: arrays already in dataset form (light garment on black), taken as is."""
+
+    model_config = ConfigDict(json_schema_extra=_document_body)
+
+    # `X | None`, not a union with a hidden None: a union would name its branch in every error and try both.
+    image: _Image28 | None = Field(None, description="one 28x28 array, light garment on black")
+    images: Annotated[list[_Image28], Field(min_length=1, fail_fast=True)] | None = Field(
+        None, description="several 28x28 arrays")
+    scale: Literal[255, 1] = Field(255, description="pixel values run 0..255 (default) or 0..1")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PredictJson:
+        """"image" or "images", never both, neither or null: which one the client meant would be a guess. Checked
+        after the fields: a "before" check would turn the body into Python objects first, slower, and 10**400 would
+        then fail as "not a number" instead of reading as inf and failing the pixel range."""
+        given = self.model_fields_set & {"image", "images"}
+        if len(given) != 1 or getattr(self, given.pop()) is None:
+            raise ValueError(_ONE_OF)
+        return self
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _not_boolean(cls, scale: Any) -> Any:
+        """JSON `true` is not the number 1, though lax validation would take it as 1."""
+        if isinstance(scale, bool):
+            raise ValueError("scale is true or false")
+        return scale
+
+    def arrays(self) -> list[list[list[float]]]:
+        """The images sent, one or several alike."""
+        return [self.image] if self.image is not None else self.images or []
+
+
+class PredictUpload(BaseModel):
+    """The multipart body of `POST /v1/predict`, for the API docs: Starlette reads the form itself, with limits on
+    files and fields, and each file is decoded in the prepare pool."""
+
+    file: list[bytes] = Field(description="one or more images (PNG, JPEG, WebP, GIF, BMP, TIFF); repeat the field")
+
+
+def _body_problem(error: ValidationError) -> ApiError:
+    """Pydantic's first complaint about a JSON body, as one line that says what to send instead."""
+    problem = error.errors(include_url=False, include_input=False)[0]
+    where = problem["loc"]
+    if problem["type"] == "json_invalid":  # the parser bounds nesting (200) and integer length (4,300 digits)
+        reason = problem["msg"].removeprefix("Invalid JSON: ")
+        if "recursion limit" in reason:
+            return ApiError(400, f"the JSON is nested too deeply ({reason}); an image is 28 rows of 28 numbers: "
+                                 f"{_SEND}")
+        if "number out of range" in reason:
+            return ApiError(400, f"the JSON holds a number too long to read ({reason}); pixel values run 0..255, "
+                                 'or 0..1 with "scale": 1')
+        return ApiError(400, f"the body is not valid JSON ({reason}); {_SEND}")
+    if not where:  # not an object, or not exactly one of "image" and "images"
+        return ApiError(422, _ONE_OF)
+    if where[0] == "scale":
+        return ApiError(422, '"scale" must be 255 (pixels 0..255, the default) or 1 (pixels 0..1)')
+    if where == ("images",):
+        return ApiError(422, '"images" must be a non-empty list of 28x28 arrays')
+    return ApiError(422, "each image must be a 28x28 array of numbers (28 rows of 28 pixel values)")
+
+
+def _json_images(raw: bytes, max_images: int) -> tuple[np.ndarray, list[str]]:
+    """A JSON body parsed and checked in one pass of pydantic's parser (run in a worker thread), values 0..255 (or
+    0..1 with `"scale": 1`) turned into the uint8 dataset form."""
     try:
-        array = np.asarray(raw, dtype=np.float64)
-    except (ValueError, TypeError):
+        body = PredictJson.model_validate_json(raw)
+    except ValidationError as error:
+        raise _body_problem(error) from None
+    arrays = body.arrays()
+    if len(arrays) > max_images:
+        raise ApiError(413, f"{len(arrays)} images in one request, over the limit of {max_images}; "
+                            "send them in batches")
+    try:
+        array = np.asarray(arrays, dtype=np.float64)
+    except ValueError:  # rows of different lengths
         raise ApiError(422, "each image must be a 28x28 array of numbers (28 rows of 28 pixel values)") from None
     if array.ndim != 3 or array.shape[1:] != (28, 28):
         shape = "x".join(map(str, array.shape[1:])) or "a single number"
         raise ApiError(422, f"each image must be 28x28 pixels, got {shape}; resize it or upload it as a file")
+    scale = body.scale
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > scale:
         raise ApiError(422, f"pixel values must be numbers from 0 to {scale}"
                             + ("; send 0..1 values with \"scale\": 1" if scale == 255 else ""))
@@ -213,7 +340,39 @@ async def _uploaded_images(request: Request, settings: ServeSettings,
     return (np.stack([p.image for p in prepared]), [p.name for p in prepared], [p.inverted for p in prepared])
 
 
+async def _request_images(request: Request, settings: ServeSettings,
+                          pool: ThreadPoolExecutor) -> tuple[np.ndarray, list[str], list[bool] | None]:
+    """The images of a predict request, by content type; `inverted` only for uploads (arrays are taken as is)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        return await _uploaded_images(request, settings, pool)
+    if content_type == "application/json":  # parsed in the pool: a big body must not hold up the event loop
+        raw = await request.body()
+        batch, names = await asyncio.get_running_loop().run_in_executor(pool, _json_images, raw, settings.max_images)
+        return batch, names, None
+    raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
+                        "with image files in the field 'file', or application/json with 28x28 arrays")
+
+
 # ----------------------------------------------------------------------------------------------- app
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours, FastAPI's and Starlette's, answers as `{"error": "one line"}` with its 4xx status."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("query", "body"))
+        return _error_response(ApiError(422, f"{where}: {first.get('msg', 'invalid value')}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+
 def model_info(classifier: Classifier) -> dict[str, Any]:
     """What `GET /v1/model` answers and the page shows: enough to know which model is talking."""
     meta = classifier.meta
@@ -258,20 +417,7 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
     app.state.batcher = batcher
     app.state.settings = settings
     app.add_middleware(BodyLimit, max_bytes=settings.max_bytes)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return _error_response(error)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("query", "body"))
-        return _error_response(ApiError(422, f"{where}: {first.get('msg', 'invalid value')}"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+    _add_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -292,20 +438,7 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
     async def predict(request: Request,
                       top: int = Query(3, ge=1, le=len(classifier.classes), description="classes to rank per image"),
                       include_input: bool = Query(False, description="also return the 28x28 the model saw")):
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        inverted = None
-        if content_type == "multipart/form-data":
-            batch, names, inverted = await _uploaded_images(request, settings, pool)
-        elif content_type == "application/json":
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ApiError(400, f"the body is not valid JSON ({error}); "
-                                    'send {"image": [[...28 values], ...]}') from None
-            batch, names = _json_images(body, settings.max_images)
-        else:
-            raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
-                                "with image files in the field 'file', or application/json with 28x28 arrays")
+        batch, names, inverted = await _request_images(request, settings, pool)
         answers = await batcher.answer(batch)
         predictions = []
         for index, (name, answer) in enumerate(zip(names, answers, strict=True)):
@@ -320,19 +453,10 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
     return app
 
 
-_ARRAY_EXAMPLE = [[0] * 28 for _ in range(28)]
+# Two bodies on one route, so FastAPI cannot infer them from parameters: their schemas come from the models above.
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                 "description": "one or more images (PNG, JPEG, WebP, GIF, BMP, TIFF); repeat the field"}}}},
-    "application/json": {"schema": {"type": "object", "properties": {
-        "image": {"type": "array", "description": "one 28x28 array, light garment on black",
-                  "items": {"type": "array", "items": {"type": "number"}}},
-        "images": {"type": "array", "description": "several 28x28 arrays",
-                   "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}},
-        "scale": {"type": "integer", "enum": [255, 1], "default": 255,
-                  "description": "pixel values run 0..255 (default) or 0..1"}}},
-        "example": {"image": _ARRAY_EXAMPLE}}}}}
+    "multipart/form-data": {"schema": PredictUpload.model_json_schema()},
+    "application/json": {"schema": PredictJson.model_json_schema()}}}}
 
 
 def latest_run(root: str | os.PathLike = "runs") -> Path:
@@ -346,8 +470,7 @@ def latest_run(root: str | os.PathLike = "runs") -> Path:
     return models[-1].parent
 
 
-def run_server(run_dir: str | os.PathLike, host: str, port: int, settings: ServeSettings,
-               log_level: str = "info") -> None:
+def run_server(run_dir: str | os.PathLike, settings: ServeSettings, log_level: str = "info") -> None:
     """Load the model and serve until Ctrl-C (uvicorn, one process, HTTP/1.1 keep-alive)."""
     import uvicorn
 
@@ -355,6 +478,7 @@ def run_server(run_dir: str | os.PathLike, host: str, port: int, settings: Serve
     app = create_app(classifier, settings)
     accuracy = classifier.meta.metrics.get("test_accuracy")
     shown = f", test accuracy {accuracy:.2%}" if isinstance(accuracy, float) and math.isfinite(accuracy) else ""
-    print(f"serving {run_dir} ({model_info(classifier)['name']}{shown}) on http://{host}:{port}/  "
+    print(f"serving {run_dir} ({model_info(classifier)['name']}{shown}) on http://{settings.host}:{settings.port}/  "
           f"(API docs: /docs, Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=1024, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, limit_concurrency=1024,
+                timeout_graceful_shutdown=5)
