@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist import report
+from fmnist import events, report
 
 CLASSES = ["T-shirt/top", "Trouser", "Bag"]
 
@@ -115,9 +115,9 @@ def test_sweep_table_stars_the_best_trial_and_names_its_folder():
     best, also = Path("out/trials/t1"), Path("out/best")
     assert lines[-1] == f"* best: t1 (val_accuracy 0.9000), run folder {best} (also {also})"
     assert report.sweep_failures(trials) == ["t2 failed: boom"]
-    assert report.sweep_event_line({"event": "trial_result", "trial": "t1", "epoch": 2, "metric": "val_accuracy",
-                                    "value": 0.5}) == "t1 epoch 2: val_accuracy 0.5000"
-    assert report.sweep_event_line({"event": "something_else"}) is None
+    result = events.TrialResult("t1", 2, "val_accuracy", 0.5)
+    assert report.sweep_event_line(result) == "t1 epoch 2: val_accuracy 0.5000"
+    assert report.sweep_event_line(events.TrialError("t2")) == "t2 failed"
 
 
 def test_presets_table_says_when_a_preset_is_not_benchmarked():
@@ -125,3 +125,8 @@ def test_presets_table_says_when_a_preset_is_not_benchmarked():
     lines = report.presets_table(presets, {"fast": {"test_accuracy": 0.9, "train_seconds": 42.4}})
     assert lines[1] == f"{'fast':<18} {'90.00% in 42 s':<32} a quick CNN"
     assert lines[2] == f"{'new':<18} {'not benchmarked yet':<32} untested"
+
+
+@pytest.mark.parametrize("seconds,text", [(180, "3m"), (90, "1m30s"), (45, "45s"), (0.4, "0s")])
+def test_durations_read_like_a_budget(seconds, text):
+    assert report.duration(seconds) == text

@@ -12,7 +12,7 @@ from test_train import learnable_arrays
 from fmnist import sweep
 from fmnist.cli import main
 from fmnist.errors import ConfigError
-from fmnist.events import EpochStart
+from fmnist.events import EpochStart, TrialResult, TrialStart
 from fmnist.predict import Classifier
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep-fast.yaml"
@@ -222,7 +222,7 @@ def test_a_small_asha_sweep_end_to_end(tmp_path):
     assert (out / "best").resolve() == (out / "trials" / "trial-000").resolve()
     assert Classifier.load(out / "best").meta.config["lr"] == 0.01
     assert "**trial-000** (best)" in (out / "sweep.md").read_text()
-    assert {"trial_start", "trial_result"} <= {event["event"] for event in events}
+    assert {TrialStart, TrialResult} <= {type(event) for event in events}
 
     with pytest.raises(sweep.SweepError, match="already holds a sweep"):
         sweep.run_sweep(tiny, out, arrays=learnable_arrays())

@@ -59,3 +59,31 @@ class End:
 
 
 Event = Start | EpochStart | Step | EpochEnd | End
+
+
+@dataclass(frozen=True)
+class TrialStart:
+    """A sweep trial started with these drawn settings."""
+
+    trial: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """A sweep trial reported an epoch's value of the sweep's metric."""
+
+    trial: str
+    epoch: int | None
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True)
+class TrialError:
+    """A sweep trial failed (its error is in sweep.json)."""
+
+    trial: str
+
+
+SweepEvent = TrialStart | TrialResult | TrialError

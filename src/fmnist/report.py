@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fmnist import events
+
 if TYPE_CHECKING:
     from fmnist.events import Start
     from fmnist.sweep import SweepSpec
@@ -64,9 +66,16 @@ def train_start_line(event: Start) -> str:
     """What is about to train, on how much data and where: the one line to check before waiting for it."""
     config = event.config
     where = event.device + (f" and {event.processes - 1} more processes" if event.processes > 1 else "")
+    budget = f" (what fits a {duration(config.budget)} budget here)" if config.budget else ""
     return (f"training {config.preset} ({config.model}, {event.parameters:,} parameters) on "
-            f"{event.train_size:,} images, {count(event.epochs, 'epoch')} of {event.steps_per_epoch} steps, "
+            f"{event.train_size:,} images, {count(event.epochs, 'epoch')}{budget} of {event.steps_per_epoch} steps, "
             f"on {where}, {event.precision}")
+
+
+def duration(seconds: float) -> str:
+    """90 -> "1m30s", 180 -> "3m", 45 -> "45s": how people write a time budget."""
+    minutes, rest = divmod(round(seconds), 60)
+    return (f"{minutes}m" if minutes else "") + (f"{rest}s" if rest or not minutes else "")
 
 
 def step_metrics(loss: float, accuracy: float) -> str:
@@ -163,16 +172,16 @@ def sweep_start_line(spec: SweepSpec, concurrency: int, out_dir: str | Path) -> 
             f"each, into {out_dir}")
 
 
-def sweep_event_line(event: Mapping[str, Any]) -> str | None:
+def sweep_event_line(event: events.SweepEvent) -> str | None:
     """A sweep progress event as one line, or None for events not worth a line."""
     from fmnist.sweep import format_params
 
-    if event["event"] == "trial_start":
-        return f"{event['trial']} started: {format_params(event['params'])}"
-    if event["event"] == "trial_result":
-        return f"{event['trial']} epoch {event['epoch']}: {event['metric']} {event['value']:.4f}"
-    if event["event"] == "trial_error":
-        return f"{event['trial']} failed"
+    if isinstance(event, events.TrialStart):
+        return f"{event.trial} started: {format_params(event.params)}"
+    if isinstance(event, events.TrialResult):
+        return f"{event.trial} epoch {event.epoch}: {event.metric} {event.value:.4f}"
+    if isinstance(event, events.TrialError):
+        return f"{event.trial} failed"
     return None
 
 

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fmnist import checkpoint
+from fmnist import checkpoint, events
 from fmnist.config import PRESETS, TrainConfig, preset_value, resolve_config, setting_names
 from fmnist.errors import ConfigError, FmnistError, did_you_mean
 from fmnist.files import atomic_write_text, write_json
@@ -415,7 +415,7 @@ def default_concurrency(trial_threads: int) -> int:
     return max(1, usable_cores() // trial_threads)
 
 
-def _trial_callback(progress: Callable[[dict[str, Any]], None] | None, metric: str, params: dict[str, dict],
+def _trial_callback(progress: Callable[[events.SweepEvent], None] | None, metric: str, params: dict[str, dict],
                     ended: set[str]) -> Any:
     """A Tune callback that records each trial's params (a trial that fails before reporting has no result config)
     and which trials ended (the rest were cut off by Ctrl-C), and passes trial events to `progress` (the CLI)."""
@@ -426,19 +426,18 @@ def _trial_callback(progress: Callable[[dict[str, Any]], None] | None, metric: s
     class Forward(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
             params[_trial_name(trial)] = {name: _plain(value) for name, value in trial.config.items()}
-            emit({"event": "trial_start", "trial": _trial_name(trial), "params": params[_trial_name(trial)]})
+            emit(events.TrialStart(_trial_name(trial), params[_trial_name(trial)]))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if metric in result:
-                emit({"event": "trial_result", "trial": _trial_name(trial), "epoch": result.get("epoch"),
-                      "metric": metric, "value": result[metric]})
+                emit(events.TrialResult(_trial_name(trial), result.get("epoch"), metric, result[metric]))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             ended.add(_trial_name(trial))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             ended.add(_trial_name(trial))
-            emit({"event": "trial_error", "trial": _trial_name(trial)})
+            emit(events.TrialError(_trial_name(trial)))
 
     return Forward()
 
@@ -483,52 +482,19 @@ def _local_ray(num_cpus: int) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_sweep(
-    spec: SweepSpec,
-    out_dir: str | os.PathLike,
-    data_dir: str | os.PathLike | None = None,
-    arrays: tuple | None = None,
-    max_concurrent: int | None = None,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Run every trial with Ray Tune and write sweep.json, sweep.md and `best`; return the trials, best first.
-
-    The data is loaded once here and shared with the trials through Ray's object store. At most
-    `max_concurrent` trials run at once (default: the cores divided by `spec.trial_threads`), each with
-    `trial_threads` torch threads, so trials never oversubscribe the CPU. On Ctrl-C, Tune stops every trial;
-    the report is still written, the trials cut off marked `interrupted` (with their last complete epoch).
-    """
-    _require("ray.tune")
+def _tune(spec: SweepSpec, trials_dir: Path, arrays: tuple, max_concurrent: int, callbacks: list) -> list[tuple]:
+    """Run the trials with Ray Tune on a private local Ray; return (trial folder name, error or None) per trial."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from fmnist import data
-
-    out_dir = Path(out_dir).resolve()  # Tune runs trials in their own working directories
-    trials_dir = out_dir / "trials"
-    if trials_dir.is_dir() and any(trials_dir.iterdir()):
-        raise SweepError(f"{out_dir} already holds a sweep's trials; choose another --out or delete that folder")
-    if max_concurrent is None:
-        max_concurrent = default_concurrency(spec.trial_threads)
-    if not _is_int(max_concurrent) or max_concurrent < 1:
-        raise ConfigError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
-    if arrays is None:
-        arrays = data.load_data(data_dir)
-    _check_data_size(spec, arrays)
-    trials_dir.mkdir(parents=True, exist_ok=True)
-
     cores = usable_cores()
-    started = time.perf_counter()
     settings = {"preset": spec.preset, "fixed": spec.fixed, "metric": spec.metric, "threads": spec.trial_threads,
                 "trials": str(trials_dir)}
     scheduler = None
     if spec.asha:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs(), grace_period=spec.asha["grace_period"],
                                   reduction_factor=spec.asha["reduction_factor"])
-    params: dict[str, dict[str, Any]] = {}
-    ended: set[str] = set()
-    callbacks = [_trial_callback(progress, spec.metric, params, ended)]
     with _local_ray(cores) as scratch:
         trainable = tune.with_resources(tune.with_parameters(_trainable, arrays=arrays, settings=settings),
                                         {"cpu": min(spec.trial_threads, cores)})
@@ -545,7 +511,44 @@ def run_sweep(
         )
         with _muted("ray.tune"):  # Tune logs every failed trial's traceback; sweep.json and error.txt keep them
             grid = tuner.fit()
-        outcomes = [(Path(result.path).name, result.error) for result in grid]
+        return [(Path(result.path).name, result.error) for result in grid]
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    arrays: tuple | None = None,
+    max_concurrent: int | None = None,
+    progress: Callable[[events.SweepEvent], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every trial with Ray Tune and write sweep.json, sweep.md and `best`; return the trials, best first.
+
+    The data is loaded once here and shared with the trials through Ray's object store. At most
+    `max_concurrent` trials run at once (default: the cores divided by `spec.trial_threads`), each with
+    `trial_threads` torch threads, so trials never oversubscribe the CPU. On Ctrl-C, Tune stops every trial;
+    the report is still written, the trials cut off marked `interrupted` (with their last complete epoch).
+    """
+    _require("ray.tune")
+    from fmnist import data
+
+    out_dir = Path(out_dir).resolve()  # Tune runs trials in their own working directories
+    trials_dir = out_dir / "trials"
+    if trials_dir.is_dir() and any(trials_dir.iterdir()):
+        raise SweepError(f"{out_dir} already holds a sweep's trials; choose another --out or delete that folder")
+    if max_concurrent is None:
+        max_concurrent = default_concurrency(spec.trial_threads)
+    if not _is_int(max_concurrent) or max_concurrent < 1:
+        raise ConfigError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
+    if arrays is None:
+        arrays = data.load_data(data_dir)
+    _check_data_size(spec, arrays)
+    trials_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    params: dict[str, dict[str, Any]] = {}
+    ended: set[str] = set()
+    outcomes = _tune(spec, trials_dir, arrays, max_concurrent, [_trial_callback(progress, spec.metric, params, ended)])
     trials = [_collect(trials_dir / name, params.get(name), error, name in ended, arrays, spec)
               for name, error in outcomes]
     trials = rank(trials, spec.mode)
