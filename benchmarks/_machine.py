@@ -1,17 +1,32 @@
-"""What every benchmark records about the machine it ran on (imported by the scripts in this folder)."""
+"""What every benchmark records about the machine and code it ran on (imported by the scripts in this folder).
+
+The CPU model comes from `fmnist.hardware.cpu_model`, the one place that reads it, so results files and a run's
+metrics.json name the same CPU the same way.
+"""
 
 from __future__ import annotations
 
-import platform
+import subprocess
 from pathlib import Path
+
+from fmnist.hardware import cpu_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else whatever `platform` knows."""
+    """The CPU model, as `fmnist.hardware.cpu_model` reads it (kept under this name for the scripts that import it)."""
+    return cpu_model()
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """`git rev-parse --short HEAD`, plus `-dirty` when tracked or new (not ignored) files differ from it: a number
+    measured on uncommitted code must say so. "unknown" outside a git checkout."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                                 check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if changes else "")
