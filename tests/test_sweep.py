@@ -95,6 +95,28 @@ def test_spec_errors_name_the_key_and_the_fix(values, expected):
     assert expected in error_of(**values)
 
 
+@pytest.mark.parametrize(("values", "expected"), [
+    ({1: "x"}, "unknown spec key 1"),
+    ({"name": "x"}, "name is not a spec key"),  # a sweep is named after its file
+    ({"fixed": [1]}, "fixed must be a mapping of settings"),
+    ({"space": {"lr": {"uniform": [True, 0.5]}}}, "uniform needs numbers"),
+    ({"space": {"lr": {"choice": [0.1], "grid": [0.2]}}}, "give exactly one distribution"),
+    ({"asha": {"grace_period": 1.0}}, "asha.grace_period must be a positive integer"),
+    ({"asha": {1: 2}}, "asha: unknown key 1"),
+])
+def test_spec_schema_edges_are_one_line_errors(values, expected):
+    with pytest.raises(ConfigError) as caught:  # some keys here are not keyword names, so no error_of()
+        sweep.parse_spec({"preset": "fast", "space": {"lr": {"choice": [0.1]}}, **values})
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_spec_keeps_values_as_written_and_round_trips():
+    parsed = spec(asha={"reduction_factor": 3}, fixed=None, space={"depth": {"randint": [2, 2]}})
+    assert parsed.asha == {"grace_period": 1, "reduction_factor": 3} and parsed.fixed == {}
+    assert parsed.space == {"depth": {"randint": [2, 2]}}
+    assert sweep.SweepSpec(**parsed.to_dict()) == parsed
+
+
 def test_load_spec_reports_file_problems_in_one_line(tmp_path):
     pytest.importorskip("yaml")
     broken = tmp_path / "broken.yaml"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import importlib
 import logging
 import math
@@ -34,10 +33,24 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+    with_config,
+)
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 from fmnist import checkpoint, events
 from fmnist.config import PRESETS, TrainConfig, preset_value, resolve_config, setting_names
@@ -47,9 +60,8 @@ from fmnist.hardware import usable_cores
 from fmnist.runs import read_history
 
 INSTALL_HINT = "pip install 'fmnist[sweep]'"
-METRICS = {"val_accuracy": "max", "val_loss": "min", "accuracy": "max", "loss": "min"}
-DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
-SPEC_KEYS = ("preset", "metric", "search", "samples", "fixed", "space", "asha", "trial_threads", "sampler_seed")
+Metric = Literal["val_accuracy", "val_loss", "accuracy", "loss"]
+METRICS = {metric: "min" if metric.endswith("loss") else "max" for metric in get_args(Metric)}  # Tune's mode
 ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2}
 DEFAULT_VALIDATION = 5000  # held-out images added when a val_* metric meets a preset without a validation split
 DEFAULT_SAMPLES = {"random": 8, "grid": 1}
@@ -74,20 +86,175 @@ def _require(module: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- the spec
-@dataclass
-class SweepSpec:
+# The schema, declared once; `_one_line` words pydantic's first complaint as the fix, quoting the descriptions.
+_STRICT = ConfigDict(extra="forbid", strict=True)
+_Number = Annotated[float, Field(allow_inf_nan=False)]  # strict: ints are numbers, bools are not
+_Pair = Field(min_length=2, max_length=2)  # [low, high]
+
+
+def _ordered(bounds: list[Any]) -> list[Any]:
+    """low before high; randint's [3, 3] is the one value 3, but a range of numbers needs room."""
+    if bounds[0] > bounds[1] or (bounds[0] == bounds[1] and isinstance(bounds[0], float)):
+        raise ValueError("low must be below high")
+    return bounds
+
+
+@with_config(_STRICT)
+class Distribution(TypedDict, total=False):
+    """How one setting's values are drawn: exactly one of these keys."""
+
+    choice: Annotated[list[Any], Field(min_length=1, description="a non-empty list of values, like {choice: [0, 1]}")]
+    grid: Annotated[list[Any], Field(min_length=1, description="a non-empty list of values, like {grid: [0, 1]}")]
+    uniform: Annotated[list[_Number], _Pair, AfterValidator(_ordered),
+                       Field(description="numbers [low, high] with low < high, like {uniform: [0.0, 0.3]}")]
+    loguniform: Annotated[list[Annotated[_Number, Field(gt=0)]], _Pair, AfterValidator(_ordered), Field(
+        description="positive bounds [low, high] with low < high (use uniform for 0), like {loguniform: [0.02, 0.5]}")]
+    randint: Annotated[list[int], _Pair, AfterValidator(_ordered), Field(
+        description="integers [low, high] with low <= high (both included), like {randint: [1, 3]}")]
+
+
+DISTRIBUTIONS = tuple(Distribution.__annotations__)
+
+
+def _one_kind(distribution: Any) -> Any:
+    if not isinstance(distribution, dict) or len(distribution) != 1:
+        raise ValueError(f"give exactly one distribution, one of {', '.join(DISTRIBUTIONS)}, like "
+                         "{choice: [a, b]}; put a single value under fixed instead")
+    return distribution
+
+
+@with_config(_STRICT)
+class Asha(TypedDict):
+    """ASHA early stopping: every trial trains `grace_period` epochs, then each rung keeps 1/`reduction_factor`."""
+
+    grace_period: Annotated[int, Field(gt=0, description="a positive integer (epochs before any stop)")]
+    reduction_factor: Annotated[int | float, Field(gt=1, allow_inf_nan=False,
+                                                   description="a number above 1 (2 keeps the better half)")]
+
+
+def _asha_switch(value: Any) -> Any:
+    """`true`: ASHA with its defaults; `false` or nothing: off; a mapping overrides the defaults."""
+    if isinstance(value, dict):
+        return {**ASHA_DEFAULTS, **value}
+    return dict(ASHA_DEFAULTS) if value is True else None if value is False else value
+
+
+def _known_preset(preset: str) -> str:
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r} is unknown{did_you_mean(preset, PRESETS)}; "
+                         f"choose one of {', '.join(PRESETS)}")
+    return preset
+
+
+def _setting_name(name: Any) -> Any:
+    """A TrainConfig field the trials may set (preset and threads have their own top-level keys)."""
+    if name == "preset":
+        raise ValueError("preset is set once, at the top level of the spec (preset: fast)")
+    if name == "threads":
+        raise ValueError("threads per trial are set with the top-level trial_threads key")
+    if name not in TrainConfig.model_fields:
+        raise ValueError(f"unknown setting {name!r}{did_you_mean(name, setting_names())}; "
+                         "see the TrainConfig fields in fmnist.config")
+    return name
+
+
+_Setting = Annotated[str, BeforeValidator(_setting_name)]
+_EmptyIfNone = BeforeValidator(lambda value: {} if value is None else value)  # `fixed:` with nothing under it
+
+
+class SweepSpec(BaseModel):
     """A validated sweep: the base preset, what to vary and how, what to maximise, how to stop early."""
 
-    preset: str
-    metric: str = "val_accuracy"
-    search: str = "random"
-    samples: int = DEFAULT_SAMPLES["random"]
-    fixed: dict[str, Any] = field(default_factory=dict)
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)  # setting -> {distribution: values}
-    asha: dict[str, Any] | None = None  # {"grace_period": int, "reduction_factor": number} or None (off)
-    trial_threads: int = 1
-    sampler_seed: int = 0  # seeds Ray's random sampler: the same spec draws the same trials
-    name: str = "sweep"
+    model_config = _STRICT
+
+    preset: Annotated[str, AfterValidator(_known_preset)]
+    metric: Metric = "val_accuracy"
+    search: Literal["grid", "random"] = "random"
+    samples: int = Field(DEFAULT_SAMPLES["random"], gt=0,
+                         description="a positive integer (random: trials to draw; grid: repeats of the full grid)")
+    fixed: Annotated[dict[_Setting, Any], _EmptyIfNone] = Field(
+        default_factory=dict, description="a mapping of settings, like `fixed: {epochs: 6}`")
+    space: Annotated[dict[_Setting, Annotated[Distribution, BeforeValidator(_one_kind)]], _EmptyIfNone] = Field(
+        default_factory=dict, validate_default=True,
+        description="a mapping of setting -> distribution, like `lr: {loguniform: [0.02, 0.5]}`")
+    asha: Annotated[Asha | None, BeforeValidator(_asha_switch)] = Field(
+        None, description="a mapping like {grace_period: 1, reduction_factor: 2}, true, or false")
+    trial_threads: int = Field(1, gt=0, description="a positive integer (torch threads per trial)")
+    sampler_seed: int = Field(0, description="an integer (it seeds the random search)")
+    name: str = "sweep"  # from the spec's file name, not a spec key
+
+    @field_validator("space")
+    @classmethod
+    def _searchable(cls, space: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Something to search, with distributions that suit the search and the settings."""
+        if not space:
+            raise ValueError("space is empty; name a setting to search, like `lr: {loguniform: [0.02, 0.5]}`")
+        for name, distribution in space.items():
+            (kind,) = distribution
+            if kind in ("uniform", "loguniform") and TrainConfig.model_fields[name].annotation in (int, int | None):
+                raise ValueError(f"space.{name}: {kind} draws fractional numbers but {name} takes integers; "
+                                 "use randint: [low, high] or choice")
+            if info.data.get("search") == "random" and kind == "grid":
+                raise ValueError(f"space.{name}: grid needs `search: grid` (random search draws values); "
+                                 "use choice, or set search: grid")
+            if info.data.get("search") == "grid" and kind != "grid":
+                raise ValueError(f"space.{name}: search: grid takes only grid: [values]; list the values to try "
+                                 "under grid, or use search: random")
+        return space
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        """The rules across keys, in the order a user would fix them."""
+        both = sorted(set(self.fixed) & set(self.space))
+        if both:
+            raise ValueError(f"{both[0]} is both fixed and searched; keep it under fixed or under space, not both")
+        if "samples" not in self.model_fields_set:
+            self.samples = DEFAULT_SAMPLES[self.search]  # 8 random trials, or the grid once
+        self._add_validation()
+        self._seed_grid_repeats()
+        self._check_trials()
+        epochs = self.max_epochs()
+        if self.asha and self.asha["grace_period"] >= epochs:
+            raise ValueError(f"asha.grace_period {self.asha['grace_period']} leaves no epoch to stop at (trials "
+                             f"train at most {epochs}); lower it below {epochs} or set asha: false")
+        return self
+
+    def _add_validation(self) -> None:
+        """A val_* metric needs held-out images: add DEFAULT_VALIDATION where the preset keeps none."""
+        if not self.metric.startswith("val_"):
+            return
+        if "validation" not in {**self.fixed, **self.space} and not preset_value(self.preset, "validation"):
+            self.fixed["validation"] = DEFAULT_VALIDATION
+        values = (_candidates(self.space["validation"]) if "validation" in self.space
+                  else [self.fixed.get("validation", preset_value(self.preset, "validation"))])
+        if any(isinstance(value, (int, float)) and value <= 0 for value in values):
+            raise ValueError(f"metric {self.metric} needs a validation split; set validation to a positive number "
+                             f"of held-out images (e.g. {DEFAULT_VALIDATION}) or use metric: accuracy")
+
+    def _seed_grid_repeats(self) -> None:
+        """Training is deterministic, so repeats of a grid with one seed would be duplicates: each gets a seed."""
+        if self.search != "grid" or self.samples == 1:
+            return
+        if "seed" in self.fixed or "seed" in self.space:
+            where = "fixed" if "seed" in self.fixed else "space"
+            raise ValueError(f"samples: {self.samples} repeats the grid with training seeds 0, 1, ..., but "
+                             f"{where}.seed sets the seed, so the repeats would be identical; drop {where}.seed "
+                             "or set samples: 1")
+        base = preset_value(self.preset, "seed")
+        self.space["seed"] = {"grid": [base + repeat for repeat in range(self.samples)]}
+        self.samples = 1
+
+    def _check_trials(self) -> None:
+        """Every value in the space must make a valid TrainConfig: fail now, not in trial 7 an hour from now."""
+        base = {name: _candidates(distribution)[0] for name, distribution in self.space.items()}
+        trials = [("the first trial's settings are invalid", base)] + [
+            (f"space.{name} value {value!r}", {**base, name: value})
+            for name, distribution in self.space.items() for value in _candidates(distribution)]
+        for what, params in trials:
+            try:
+                resolve_config(self.preset, self.overrides(params))
+            except ConfigError as error:
+                raise ValueError(f"{what}: {error}") from None
 
     @property
     def mode(self) -> str:
@@ -96,7 +263,7 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for sweep.json."""
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def overrides(self, params: dict[str, Any]) -> dict[str, Any]:
         """The TrainConfig overrides of one trial: fixed settings, the drawn params, the thread count."""
@@ -112,6 +279,14 @@ class SweepSpec:
         if "epochs" in self.space:
             return max(int(value) for value in _candidates(self.space["epochs"]))
         return int(self.fixed.get("epochs", preset_value(self.preset, "epochs")))
+
+
+SPEC_KEYS = tuple(key for key in SweepSpec.model_fields if key != "name")
+
+
+def _candidates(distribution: dict[str, Any]) -> list[Any]:
+    """Values that exercise a distribution: every listed value, or both bounds of a range."""
+    return list(next(iter(distribution.values())))
 
 
 def load_spec(path: str | os.PathLike) -> SweepSpec:
@@ -139,189 +314,43 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
 
 
 def parse_spec(values: dict[str, Any], name: str = "sweep") -> SweepSpec:
-    """Validate a spec given as a dict (what the YAML file holds) and fill in the defaults."""
-    for key in values:
-        if key not in SPEC_KEYS:
-            raise ConfigError(f"unknown spec key {key!r}{did_you_mean(key, SPEC_KEYS)}; "
-                              f"the keys are {', '.join(SPEC_KEYS)}")
-    preset = values.get("preset")
-    if not isinstance(preset, str):
-        raise ConfigError(f"preset: name the base preset, e.g. `preset: fast` (one of {', '.join(PRESETS)})")
-    if preset not in PRESETS:
-        raise ConfigError(f"preset {preset!r} is unknown{did_you_mean(preset, PRESETS)}; "
-                          f"choose one of {', '.join(PRESETS)}")
-    metric = values.get("metric", "val_accuracy")
-    if metric not in METRICS:
-        hint = "; pick on validation, never on the test set" if str(metric).startswith("test") else ""
-        raise ConfigError(f"metric {metric!r} is not one of {', '.join(METRICS)}{hint}")
-    search = values.get("search", "random")
-    if search not in DEFAULT_SAMPLES:
-        raise ConfigError(f"search {search!r} is not one of grid, random")
-    samples = values.get("samples", DEFAULT_SAMPLES[search])
-    if not _is_int(samples) or samples < 1:
-        what = "trials to draw" if search == "random" else "repeats of the full grid"
-        raise ConfigError(f"samples must be a positive integer ({what}), got {samples!r}")
-    trial_threads = values.get("trial_threads", 1)
-    if not _is_int(trial_threads) or trial_threads < 1:
-        raise ConfigError(f"trial_threads must be a positive integer (torch threads per trial), got {trial_threads!r}")
-    sampler_seed = values.get("sampler_seed", 0)
-    if not _is_int(sampler_seed):
-        raise ConfigError(f"sampler_seed must be an integer (it seeds the random search), got {sampler_seed!r}")
-    fixed = _settings(values.get("fixed") or {}, "fixed")
-    space = _space(values.get("space"), search)
-    both = sorted(set(fixed) & set(space))
-    if both:
-        raise ConfigError(f"{both[0]} is both fixed and searched; keep it under fixed or under space, not both")
-    spec = SweepSpec(preset=preset, metric=metric, search=search, samples=samples, fixed=fixed, space=space,
-                     asha=None, trial_threads=trial_threads, sampler_seed=sampler_seed,
-                     name=name)
-    _add_validation(spec)
-    if search == "grid" and samples > 1:
-        # Training is deterministic, so a repeat with the same seed would only duplicate a trial: repeats get seeds.
-        if "seed" in fixed or "seed" in space:
-            where = "fixed" if "seed" in fixed else "space"
-            raise ConfigError(f"samples: {samples} repeats the grid with training seeds 0, 1, ..., but {where}.seed "
-                              f"sets the seed, so the repeats would be identical; drop {where}.seed or set samples: 1")
-        base = preset_value(preset, "seed")
-        spec.space["seed"] = {"grid": [base + repeat for repeat in range(samples)]}
-        spec.samples = 1
-    _check_trials(spec)
-    spec.asha = _asha(values.get("asha"), spec)
-    return spec
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _takes_integers(name: str) -> bool:
-    return TrainConfig.model_fields[name].annotation in (int, int | None)
-
-
-def _check_setting(name: str, where: str) -> None:
-    if name == "preset":
-        raise ConfigError(f"{where}.preset: set the base preset at the top level of the spec (preset: fast)")
-    if name == "threads":
-        raise ConfigError(f"{where}.threads: set torch threads per trial with the top-level trial_threads key")
-    if name not in TrainConfig.model_fields:
-        raise ConfigError(f"{where}: unknown setting {name!r}{did_you_mean(name, setting_names())}; "
-                          "see the TrainConfig fields in fmnist.train")
-
-
-def _settings(values: Any, where: str) -> dict[str, Any]:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping of settings, like `{where}: {{epochs: 6}}`")
-    for name in values:
-        _check_setting(str(name), where)
-    return dict(values)
-
-
-def _space(values: Any, search: str) -> dict[str, dict[str, Any]]:
-    if not values:
-        raise ConfigError("space is empty; name at least one setting to search, like `lr: {loguniform: [0.02, 0.5]}`")
-    if not isinstance(values, dict):
-        raise ConfigError("space must be a mapping of setting -> distribution, like `lr: {loguniform: [0.02, 0.5]}`")
-    space = {}
-    for name, distribution in values.items():
-        where = f"space.{name}"
-        _check_setting(str(name), "space")
-        if not isinstance(distribution, dict) or len(distribution) != 1:
-            raise ConfigError(f"{where}: give exactly one distribution, one of {', '.join(DISTRIBUTIONS)}, "
-                              f"like {{choice: [a, b]}}; put a single value under fixed instead")
-        (kind, args), = distribution.items()
-        if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}: unknown distribution {kind!r}{did_you_mean(kind, DISTRIBUTIONS)}; "
-                              f"use one of {', '.join(DISTRIBUTIONS)}")
-        if kind in ("choice", "grid"):
-            if not isinstance(args, list) or not args:
-                raise ConfigError(f"{where}: {kind} needs a non-empty list of values, like {{{kind}: [0.0, 0.1]}}")
-        elif not isinstance(args, list) or len(args) != 2:
-            raise ConfigError(f"{where}: {kind} needs [low, high], like {{{kind}: [0.02, 0.5]}}")
-        else:
-            low, high = args
-            if kind == "randint":
-                if not (_is_int(low) and _is_int(high)) or low > high:
-                    raise ConfigError(f"{where}: randint needs integers [low, high] with low <= high (both included), "
-                                      f"got {args!r}")
-            elif not (_is_number(low) and _is_number(high)) or low >= high:
-                raise ConfigError(f"{where}: {kind} needs numbers [low, high] with low < high, got {args!r}")
-            elif kind == "loguniform" and low <= 0:
-                raise ConfigError(f"{where}: loguniform needs positive bounds, got {args!r}; use uniform to include 0")
-            elif _takes_integers(name):
-                raise ConfigError(f"{where}: {kind} draws fractional numbers but {name} takes integers; "
-                                  "use randint: [low, high] or choice")
-        if search == "random" and kind == "grid":
-            raise ConfigError(f"{where}: grid needs `search: grid` (random search draws values); "
-                              "use choice, or set search: grid")
-        if search == "grid" and kind != "grid":
-            raise ConfigError(f"{where}: search: grid takes only grid: [values]; list the values to try under grid, "
-                              "or use search: random")
-        space[str(name)] = {kind: list(args)}
-    return space
-
-
-def _candidates(distribution: dict[str, Any]) -> list[Any]:
-    """Values that exercise a distribution: every listed value, or both bounds of a range."""
-    return list(next(iter(distribution.values())))
-
-
-def _add_validation(spec: SweepSpec) -> None:
-    if not spec.metric.startswith("val_"):
-        return
-    if "validation" in spec.space:
-        values = _candidates(spec.space["validation"])
-    else:
-        values = [spec.fixed.get("validation", preset_value(spec.preset, "validation"))]
-        if "validation" not in spec.fixed and not values[0]:
-            spec.fixed["validation"] = DEFAULT_VALIDATION
-            return
-    if any(value is not None and _is_number(value) and value <= 0 for value in values):
-        raise ConfigError(f"metric {spec.metric} needs a validation split; set validation to a positive number "
-                          f"of held-out images (e.g. {DEFAULT_VALIDATION}) or use metric: accuracy")
-
-
-def _check_trials(spec: SweepSpec) -> None:
-    """Every value in the space must make a valid TrainConfig: fail now, not in trial 7 an hour from now."""
-    base = {name: _candidates(distribution)[0] for name, distribution in spec.space.items()}
+    """Validate a spec given as a dict (what the YAML file holds) and fill in the defaults; problems: ConfigError."""
+    if "name" in values:
+        raise ConfigError("name is not a spec key: a sweep is named after its file")
     try:
-        resolve_config(spec.preset, spec.overrides(base))
-    except ConfigError as error:
-        raise ConfigError(f"the first trial's settings are invalid: {error}") from None
-    for name, distribution in spec.space.items():
-        for value in _candidates(distribution):
-            try:
-                resolve_config(spec.preset, spec.overrides({**base, name: value}))
-            except ConfigError as error:
-                raise ConfigError(f"space.{name} value {value!r}: {error}") from None
+        return SweepSpec.model_validate({**values, "name": name})
+    except ValidationError as error:
+        raise ConfigError(_one_line(error, values)) from None
 
 
-def _asha(value: Any, spec: SweepSpec) -> dict[str, Any] | None:
-    if value is None or value is False:
-        return None
-    if value is True:
-        value = {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"asha must be a mapping like {{grace_period: 1, reduction_factor: 2}}, true, or false; "
-                          f"got {value!r}")
-    for key in value:
-        if key not in ASHA_DEFAULTS:
-            raise ConfigError(f"asha: unknown key {key!r}{did_you_mean(key, ASHA_DEFAULTS)}; "
-                              "the keys are grace_period, reduction_factor")
-    asha = {**ASHA_DEFAULTS, **value}
-    grace, factor = asha["grace_period"], asha["reduction_factor"]
-    if not _is_int(grace) or grace < 1:
-        raise ConfigError(f"asha.grace_period must be a positive integer (epochs before any stop), got {grace!r}")
-    if not _is_number(factor) or factor <= 1:
-        raise ConfigError(f"asha.reduction_factor must be a number above 1 (2 keeps the better half), got {factor!r}")
-    epochs = spec.max_epochs()
-    if grace >= epochs:
-        raise ConfigError(f"asha.grace_period {grace} leaves no epoch to stop at (trials train at most {epochs}); "
-                          f"lower it below {epochs} or set asha: false")
-    return asha
+def _one_line(error: ValidationError, given: dict[str, Any]) -> str:
+    """pydantic's first problem with a spec, said the way a user fixes it: the key, the value, what it must be."""
+    problem = error.errors()[0]
+    loc, kind, value = problem["loc"], problem["type"], problem.get("input")
+    names = [str(part) for part in loc if part != "[key]"] or [""]  # [""]: a rule across keys
+    if kind in ("extra_forbidden", "invalid_key"):  # a key not in the schema (or not even text)
+        what, keys = [("spec key", SPEC_KEYS), ("key", ASHA_DEFAULTS), ("distribution", DISTRIBUTIONS)][len(loc) - 1]
+        where = ".".join(names[:-1]) + ": " if len(loc) > 1 else ""
+        return f"{where}unknown {what} {loc[-1]!r}{did_you_mean(loc[-1], keys)}; the {what}s are {', '.join(keys)}"
+    if names[0] == "space" and len(names) > 2:  # a distribution's values
+        return (f"space.{names[1]}: {names[2]} needs {_described(Distribution, names[2])}, "
+                f"got {given['space'][loc[1]][loc[2]]!r}")
+    if kind == "value_error":  # our validators' own lines; those on a setting or distribution are told where
+        where = ".".join(names[:-1] if loc[-1] == "[key]" else names) + ": " if len(loc) > 1 else ""
+        return f"{where}{problem['ctx']['error']}"
+    if names[0] == "preset":
+        return f"preset: name the base preset, e.g. `preset: fast` (one of {', '.join(PRESETS)})"
+    if kind == "literal_error":
+        allowed = ", ".join(get_args(SweepSpec.model_fields[names[0]].annotation))
+        hint = "; pick on validation, never on the test set" if str(value).startswith("test") else ""
+        return f"{names[0]} {value!r} is not one of {allowed}{hint}"
+    owner, name = (Asha, names[1]) if len(names) > 1 else (SweepSpec, names[0])
+    return f"{'.'.join(names[:2])} must be {_described(owner, name)}, got {value!r}"
+
+
+def _described(owner: Any, name: str) -> str:
+    """What a key must be, as its declaration describes it."""
+    return TypeAdapter(owner).json_schema()["properties"][name]["description"]
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -332,6 +361,10 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         return value.item()
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _trial_name(trial: Any) -> str:
