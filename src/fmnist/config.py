@@ -177,6 +177,13 @@ def _bounds(field: Any) -> dict[str, Any]:
     return bounds
 
 
+# What the CNN presets share: batch norm lets one-cycle Nesterov SGD run at lr 0.2; label smoothing, flips and
+# flip TTA; weight decay (not on biases or batch norm); channels-last and bf16 where the CPU computes it natively.
+_CNN_RECIPE: dict[str, Any] = dict(
+    model="convnet", optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
+    warmup=0.2, batch_size=256, normalize="standard", label_smoothing=0.1, flip=True, tta=True, channels_last=True,
+    precision="auto")
+
 # Presets: the classic Keras projects, exactly, and the fast CNNs. `evidence` says what chose each setting;
 # `expect` (the latest measured accuracy and time) comes from benchmarks/ via preset_results.json.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -210,28 +217,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # fast and default keep that split to calibrate their confidence: label smoothing leaves them under-confident
     # (ECE 0.109 -> 0.007 after temperature scaling, measured on `fast`).
     "fast": dict(
-        description="BN ConvNet 32-64-128, one-cycle SGD, flips, bf16 where the CPU computes it: about a minute",
+        description="BN ConvNet 32-64-128, one-cycle SGD, flips, 5 epochs: about 2 min on 2 AVX2 cores",
         evidence="earlier validation runs (numbers not kept): flips helped, shifts hurt at 5 epochs; 92.05% "
                  "test, median of 3 seeds",
-        model="convnet", widths=[32, 64, 128], optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
-        weight_decay=5e-4, schedule="onecycle", warmup=0.2, batch_size=256, epochs=5, normalize="standard",
-        label_smoothing=0.1, flip=True, tta=True, channels_last=True, precision="auto",
-        validation=5000),
+        **_CNN_RECIPE, widths=[32, 64, 128], epochs=5, validation=5000),
     "default": dict(
-        description="BN ConvNet 64-128-256, one-cycle SGD, flips, 10 epochs: a few minutes on 2 cores",
+        description="BN ConvNet 64-128-256, one-cycle SGD, flips, 10 epochs: about 20 min on 2 AVX2 cores",
         evidence="earlier validation runs (numbers not kept): wider stages beat more epochs; 93.30% test, median "
                  "of 3 seeds",
-        model="convnet", widths=[64, 128, 256], optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
-        weight_decay=5e-4, schedule="onecycle", warmup=0.2, batch_size=256, epochs=10, normalize="standard",
-        label_smoothing=0.1, flip=True, tta=True, channels_last=True, precision="auto",
-        validation=5000),
+        **_CNN_RECIPE, widths=[64, 128, 256], epochs=10, validation=5000),
     "best": dict(
-        description="two blocks per stage, 64-128-256, flips + 1-pixel shifts, 28 epochs: about 30 min on 2 cores",
+        description="two blocks per stage, 64-128-256, flips + 1-pixel shifts, 28 epochs: 30 min on 2 AMX cores",
         evidence="earlier validation runs (numbers not kept): shifts pay only in long schedules; 95.07% test, "
                  "1 seed",
-        model="convnet", widths=[64, 128, 256], depth=2, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True,
-        weight_decay=5e-4, schedule="onecycle", warmup=0.2, batch_size=256, epochs=28, normalize="standard",
-        label_smoothing=0.1, flip=True, translate=1, tta=True, channels_last=True, precision="auto"),
+        **_CNN_RECIPE, widths=[64, 128, 256], depth=2, epochs=28, translate=1),
 }
 DEFAULT_PRESET = "default"
 PRESET_NOTES = ("evidence",)  # preset keys that document a preset and are not settings

@@ -54,10 +54,13 @@ def pixel_stats_line(split: str, mean: float, std: float, shape: Sequence[int], 
 # ----------------------------------------------------------------------------------------------- train
 def presets_table(presets: Mapping[str, Mapping[str, Any]], expected: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One row per preset with its benchmarked accuracy and time, so a choice can be made without reading code."""
-    lines = [f"{'preset':<18} {'expected (latest benchmark)':<32} description"]
+    lines = [f"{'preset':<18} {'latest benchmark (CPU class)':<32} description"]
     for name, values in presets.items():
         row = expected.get(name)
-        shown = f"{row['test_accuracy']:.2%} in {row['train_seconds']:.0f} s" if row else "not benchmarked yet"
+        shown = "not benchmarked yet"
+        if row:
+            where = f" ({row['cpu_class']})" if row.get("cpu_class") else ""
+            shown = f"{row['test_accuracy']:.2%} in {row['train_seconds']:.0f} s{where}"
         lines.append(f"{name:<18} {shown:<32} {values['description']}")
     return lines
 

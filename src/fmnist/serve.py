@@ -464,7 +464,7 @@ def latest_run(root: str | os.PathLike = "runs") -> Path:
     root = Path(root)
     if (root / "demo" / META_FILE).is_file():
         return root / "demo"
-    models = sorted(root.glob("*/model.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    models = sorted(root.glob(f"*/{META_FILE}"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if not models:
         raise FileNotFoundError(root)
     return models[-1].parent
