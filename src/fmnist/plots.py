@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fmnist.data import CLASS_NAMES
 from fmnist.files import publish
@@ -93,6 +94,7 @@ def training_curves(history: Sequence[Mapping[str, float]], label_smoothing: flo
             axis.plot(epochs, [np.nan if v is None else v for v in values], "s-", label="validation", color="#fdae61")
         axis.set_title(title)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axis.grid(alpha=0.3)
         axis.legend()
     return figure
@@ -227,6 +229,7 @@ def compare_curves(histories: Mapping[str, Sequence[Mapping[str, float]]]) -> Fi
     for axis, title in ((loss_axis, "Loss"), (accuracy_axis, "Accuracy")):
         axis.set_title(title)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axis.grid(alpha=0.3)
     accuracy_axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
