@@ -175,3 +175,11 @@ def test_auto_precision_follows_the_cpu_class(monkeypatch, probes, limit, expect
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
     assert devices.cpu_class() == expected
     assert training.resolve_precision("auto", torch.device("cpu")) == ("bf16" if bf16 else "fp32")
+
+
+def test_version_flag(capsys):
+    import fmnist
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0 and capsys.readouterr().out.strip() == f"fmnist {fmnist.__version__}"

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from fmnist import report
+from fmnist import __version__, report
 from fmnist.checkpoint import EVALUATION_FILE, META_FILE
 from fmnist.config import PRESETS, TrainConfig, setting_names
 from fmnist.errors import ConfigError, FmnistError
@@ -675,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmnist", formatter_class=_Formatter,
                                      description="Fashion-MNIST with PyTorch: data, training, evaluation, plots.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    parser.add_argument("--version", action="version", version=f"fmnist {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     _add_data(commands)
