@@ -383,8 +383,13 @@ def table_line(row: Mapping[str, Any]) -> str:
              fmt(row["eval_seconds"], "{:.2f}"), fmt(row["data_seconds"], "{:.1f}"),
              fmt(row["warmup_seconds"], "{:.1f}"),
              f"{row['peak_rss_mib']['mean']:.0f}", f"{row['throughput_images_per_s']['mean']:,.0f}",
-             f"{row['latency_ms_p50']['mean']:.2f}", row["cpu"], row["torch"], row["commit"], row["date"][:10]]
+             f"{row['latency_ms_p50']['mean']:.2f}", _cpu_cell(row), row["torch"], row["commit"], row["date"][:10]]
     return "| " + " | ".join(cells) + " |"
+
+
+def _cpu_cell(row: Mapping[str, Any]) -> str:
+    """The CPU model and the class its runs computed in (`native` alone does not say which class that was)."""
+    return f"{row['cpu']} ({row['cpu_class_seen']})" if row.get("cpu_class_seen") else row["cpu"]
 
 
 def markdown(store: Mapping[str, Any]) -> str:
