@@ -43,9 +43,10 @@ from typing import Any
 
 from _machine import cpu_name, git_commit
 
-from fmnist.config import PRESETS, parse_duration, resolve_config
+from fmnist.config import PRESETS, parse_duration, resolve_config, results_by_class
 from fmnist.errors import ConfigError
 from fmnist.files import atomic_write_text, read_json, write_json
+from fmnist.hardware import CPU_CLASSES as HARDWARE_CLASSES
 from fmnist.hardware import usable_cores
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,6 @@ CPU_CLASSES: dict[str, dict[str, str]] = {
     "avx512-bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
 }
 EXPECTED_CLASS = {"avx2": "AVX2", "avx512-bf16": "AVX512-BF16"}  # as fmnist.devices.cpu_class() names them
-CLASS_ORDER = ("SSE", "AVX2", "AVX512", "AVX512-BF16", "AMX")
 # Inherited settings that would change what a class means (or flood the children's output): dropped first.
 CLEARED = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_VERBOSE", "DNNL_VERBOSE")
 ISA_LINE = re.compile(r"^(?:onednn|dnnl|mkldnn)_verbose,(?:v\d+,)?info,(?:cpu,isa:|Detected ISA is )(?P<isa>.+)$")
@@ -131,7 +131,7 @@ def class_mismatch(requested: str, probe: Mapping[str, Any]) -> str | None:
         return f"--cpu-class {requested}: oneDNN printed no ISA line under ONEDNN_VERBOSE=1; cannot verify the limit"
     got = isa_class(isa)
     if got != wanted:
-        why = ("this CPU lacks it" if CLASS_ORDER.index(got) < CLASS_ORDER.index(wanted)
+        why = ("this CPU lacks it" if HARDWARE_CLASSES.index(got) < HARDWARE_CLASSES.index(wanted)
                else "the limit did not take effect")
         return f"--cpu-class {requested}: oneDNN uses {isa!r} ({got}), not {wanted}: {why}"
     if probe.get("cpu_class") != wanted:
@@ -321,8 +321,16 @@ def make_row(preset: str, runs: list[dict[str, Any]], context: Mapping[str, Any]
              overrides: Mapping[str, Any]) -> dict[str, Any]:
     """One table row: the summary over seeds with everything needed to trust it (machine, class, commit)."""
     label = row_label(preset, budget, overrides)
-    return {"key": f"{label}|{context['cpu_class']}", "preset": preset, "label": label, "budget": budget,
-            "overrides": dict(overrides), **summarise(runs), **context}
+    summary = summarise(runs)
+    return {"key": row_key(label, summary["cpu_class_seen"], context["cpu_class"]), "preset": preset,
+            "label": label, "budget": budget, "overrides": dict(overrides), **summary, **context}
+
+
+def row_key(label: str, class_seen: str, requested: str) -> str:
+    """Rows are kept per class computed in, and native apart from emulated: an AVX2 laptop's own row and an
+    AVX2 emulation on a bigger CPU are both kept, while a native run on another CPU of the same class replaces
+    the older one."""
+    return f"{label}|{class_seen}|{'native' if requested == 'native' else 'emulated'}"
 
 
 def merge_rows(stored: Mapping[str, dict], new: list[dict[str, Any]]) -> dict[str, dict]:
@@ -345,6 +353,10 @@ def load_store(path: Path) -> dict[str, Any]:
         if store:
             print(f"note: {path} holds rows of the old protocol; starting a new table", file=sys.stderr)
         store = {"format": STORE_FORMAT, "protocol": PROTOCOL, "rows": {}}
+    # Rows written before rows were kept per class seen were keyed `label|requested class`.
+    store["rows"] = {row_key(row["label"], row["cpu_class_seen"], row["cpu_class"]): {
+        **row, "key": row_key(row["label"], row["cpu_class_seen"], row["cpu_class"])}
+        for row in store["rows"].values()}
     return store
 
 
@@ -362,20 +374,23 @@ def fmt(stat: Mapping[str, Any] | None, spec: str, scale: float = 1.0, spread: b
 
 
 def row_order(row: Mapping[str, Any]) -> tuple:
-    """Presets in the order `fmnist train --list-presets` shows them, then native before emulated classes."""
+    """Presets in the order `fmnist train --list-presets` shows them, then the fastest CPU class first, native
+    before emulated."""
     presets = list(PRESETS)
-    classes = list(CPU_CLASSES)
-    return (presets.index(row["preset"]) if row["preset"] in presets else len(presets), row["label"],
-            classes.index(row["cpu_class"]) if row["cpu_class"] in classes else len(classes))
+    seen = row["cpu_class_seen"]
+    rank = HARDWARE_CLASSES.index(seen) if seen in HARDWARE_CLASSES else -1
+    return (presets.index(row["preset"]) if row["preset"] in presets else len(presets), row["label"], -rank,
+            row["cpu_class"] != "native")
 
 
-TABLE_HEAD = ("| preset | CPU class | precision | seeds | epochs | test acc % | flip-TTA acc % | time s | train s "
-              "| eval s | data s | warm-up s | peak RSS MiB | infer img/s | latency ms | CPU | torch | commit | date |")
+TABLE_HEAD = ("| preset | CPU class | how | precision | seeds | epochs | test acc % | flip-TTA acc % | time s "
+              "| train s | eval s | data s | warm-up s | peak RSS MiB | infer img/s | latency ms | CPU | torch "
+              "| commit | date |")
 
 
 def table_line(row: Mapping[str, Any]) -> str:
     """One markdown row: accuracy as mean ± std (min-max), times as mean ± std, the rest as means."""
-    cells = [row["label"], row["cpu_class"], row["precision"], str(len(row["seeds"])),
+    cells = [row["label"], row["cpu_class_seen"], how(row), row["precision"], str(len(row["seeds"])),
              "/".join(str(epochs) for epochs in row["epochs"]),
              fmt(row["test_accuracy"], "{:.2f}", 100, spread=True),
              fmt(row["test_accuracy_tta"], "{:.2f}", 100, spread=True),
@@ -383,13 +398,13 @@ def table_line(row: Mapping[str, Any]) -> str:
              fmt(row["eval_seconds"], "{:.2f}"), fmt(row["data_seconds"], "{:.1f}"),
              fmt(row["warmup_seconds"], "{:.1f}"),
              f"{row['peak_rss_mib']['mean']:.0f}", f"{row['throughput_images_per_s']['mean']:,.0f}",
-             f"{row['latency_ms_p50']['mean']:.2f}", _cpu_cell(row), row["torch"], row["commit"], row["date"][:10]]
+             f"{row['latency_ms_p50']['mean']:.2f}", row["cpu"], row["torch"], row["commit"], row["date"][:10]]
     return "| " + " | ".join(cells) + " |"
 
 
-def _cpu_cell(row: Mapping[str, Any]) -> str:
-    """The CPU model and the class its runs computed in (`native` alone does not say which class that was)."""
-    return f"{row['cpu']} ({row['cpu_class_seen']})" if row.get("cpu_class_seen") else row["cpu"]
+def how(row: Mapping[str, Any]) -> str:
+    """`native`, or the emulation that limited the CPU (`emulated: --cpu-class avx2`)."""
+    return "native" if row["cpu_class"] == "native" else f"emulated: --cpu-class {row['cpu_class']}"
 
 
 def markdown(store: Mapping[str, Any]) -> str:
@@ -409,17 +424,20 @@ def markdown(store: Mapping[str, Any]) -> str:
         "  once, after the last epoch: no number here was chosen by looking at the test set.",
         "- Peak RSS: the child's maximum resident memory after the final evaluation. Inference (after the timed",
         "  part): eval mode, fp32, test images in batches of 1,000 (img/s) and the median latency of one image.",
-        "- CPU class: `native` = no limit; `avx2` = `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`;",
-        "  `avx512-bf16` = `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`; each checked before the runs against oneDNN's",
+        "- CPU class: the instruction set the runs computed in (AVX2: most laptops; AVX512-BF16: AMD Zen 4/5,",
+        "  Intel Cooper Lake; AMX: Intel Sapphire Rapids and later). `how`: `native` = the CPU as it is;",
+        "  `emulated: --cpu-class avx2` = `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`, `avx512-bf16` =",
+        "  `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` on a bigger CPU, each checked before the runs against oneDNN's",
         "  verbose ISA line (below). Precision is what the runs used (`auto` = bf16 only on AVX512-BF16/AMX).",
         "", TABLE_HEAD, "|---" * TABLE_HEAD.count(" |") + "|",
     ]
     lines += [table_line(row) for row in rows]
     lines += ["", "Where each row was measured:", ""]
     for row in rows:
-        lines.append(f"- {row['label']} / {row['cpu_class']}: {row['date']}, {row['cpu']} ({row['cores']} cores, "
-                     f"{row['threads']} threads), torch {row['torch']}, Python {row['python']}, commit "
-                     f"{row['commit']}; fmnist class {row['cpu_class_seen']}, ATen {row['aten_cpu_capability']}; "
+        lines.append(f"- {row['label']} / {row['cpu_class_seen']} {how(row)}: {row['date']}, {row['cpu']} "
+                     f"({row['cores']} cores, {row['threads']} threads), torch {row['torch']}, Python {row['python']}, "
+                     f"commit {row['commit']}; fmnist class {row['cpu_class_seen']}, "
+                     f"ATen {row['aten_cpu_capability']}; "
                      f"oneDNN `{row['onednn_isa_line']}`; `{row['command']}`")
     return "\n".join(lines) + "\n"
 
@@ -431,17 +449,18 @@ def update_preset_results(rows: list[dict[str, Any]], path: Path = PRESET_RESULT
         current = read_json(path)
     except (FileNotFoundError, json.JSONDecodeError):
         current = {"presets": {}}
+    presets = {name: results_by_class(entry) for name, entry in current.get("presets", {}).items()}
     for row in rows:
         if row["cpu_class"] != "native" or row["budget"] or row["overrides"]:
             continue
-        current["presets"][row["preset"]] = {
+        presets.setdefault(row["preset"], {})[row["cpu_class_seen"]] = {
             "test_accuracy": row["test_accuracy"]["mean"],
             "test_accuracy_tta": (row["test_accuracy_tta"] or {}).get("mean"),
             "train_seconds": row["train_seconds"]["mean"], "time_seconds": row["time_seconds"]["mean"],
             "seeds": row["test_accuracy"]["n"], "measured": row["date"][:10], "cpu": row["cpu"],
             "cpu_class": row["cpu_class_seen"], "precision": row["precision"], "commit": row["commit"],
             "protocol": "fixed schedule, test measured once at the end, warm-up excluded, mean over seeds"}
-    write_json(path, current)
+    write_json(path, {"presets": presets})
 
 
 # ----------------------------------------------------------------------------------------------- main

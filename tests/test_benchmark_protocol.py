@@ -49,8 +49,12 @@ CONTEXT = {"cpu": "Test CPU", "cores": 2, "torch": "2.x", "python": "3.11", "thr
            "probe_cpu_class": "AVX2"}
 
 
+SEEN = {"native": "AVX512-BF16", "avx2": "AVX2", "avx512-bf16": "AVX512-BF16"}  # what each child would report
+
+
 def row(preset: str, cpu_class: str, accuracies=(0.92, 0.93), budget=None, overrides=None) -> dict:
-    runs = [run_record(seed, accuracy, 60.0 + seed) for seed, accuracy in enumerate(accuracies)]
+    runs = [run_record(seed, accuracy, 60.0 + seed, cpu_class=SEEN[cpu_class])
+            for seed, accuracy in enumerate(accuracies)]
     return tta.make_row(preset, runs, {**CONTEXT, "cpu_class": cpu_class}, budget, overrides or {})
 
 
@@ -99,8 +103,9 @@ def test_merge_rows_replaces_by_key_and_keeps_other_classes():
 
 
 def test_row_key_names_preset_budget_set_and_class():
-    assert row("fast", "avx2")["key"] == "fast|avx2"
-    assert row("fast", "native", budget="3m")["key"] == "fast budget 3m|native"
+    assert row("fast", "avx2")["key"] == "fast|AVX2|emulated"
+    assert row("fast", "native", budget="3m")["key"] == "fast budget 3m|AVX512-BF16|native"
+    assert row("fast", "avx512-bf16")["key"] == "fast|AVX512-BF16|emulated"
     assert row("fast", "native", overrides={"epochs": 1})["label"] == "fast +set"
 
 
@@ -108,8 +113,9 @@ def test_markdown_puts_classes_side_by_side_with_provenance():
     rows = [row("fast", "avx2", (0.90, 0.92)), row("fast", "native"), row("default", "native", (0.93,))]
     text = tta.markdown({"rows": {r["key"]: r for r in rows}})
     table = [line for line in text.splitlines() if line.startswith("| fast") or line.startswith("| default")]
-    assert [line.split(" | ")[:2] for line in table] == [["| fast", "native"], ["| fast", "avx2"],
-                                                         ["| default", "native"]]
+    assert [line.split(" | ")[:3] for line in table] == [
+        ["| fast", "AVX512-BF16", "native"], ["| fast", "AVX2", "emulated: --cpu-class avx2"],
+        ["| default", "AVX512-BF16", "native"]]
     assert "91.00 ± 1.41 (90.00-92.00)" in table[1]  # mean ± sample std (min-max), in percent
     assert "| 93.00 |" in table[2]  # one seed: no spread
     assert tta.PROTOCOL in text and "Warm-up excluded" in text
@@ -126,14 +132,25 @@ def test_load_store_does_not_merge_the_old_protocol(tmp_path, capsys):
 
 def test_preset_results_take_only_native_runs_of_the_preset_as_it_is(tmp_path):
     path = tmp_path / "preset_results.json"
-    path.write_text(json.dumps({"presets": {"best": {"test_accuracy": 0.95}}}))
+    path.write_text(json.dumps({"presets": {"best": {"test_accuracy": 0.95, "cpu_class": "AMX"},
+                                            "fast": {"AVX2": {"test_accuracy": 0.91}}}}))
     tta.update_preset_results([row("fast", "native", (0.90, 0.94)), row("default", "avx2"),
                                row("keras-cnn", "native", budget="3m"), row("classic-adam", "native",
                                                                            overrides={"epochs": 1})], path)
     presets = json.loads(path.read_text())["presets"]
     assert set(presets) == {"best", "fast"}
-    assert presets["fast"]["test_accuracy"] == pytest.approx(0.92) and presets["fast"]["seeds"] == 2
-    assert presets["fast"]["cpu"] == "Test CPU" and presets["fast"]["commit"] == "abc1234"
+    assert presets["best"] == {"AMX": {"test_accuracy": 0.95, "cpu_class": "AMX"}}  # older form, kept per class
+    assert presets["fast"]["AVX2"] == {"test_accuracy": 0.91}  # another class's result stays
+    fast = presets["fast"]["AVX512-BF16"]
+    assert fast["test_accuracy"] == pytest.approx(0.92) and fast["seeds"] == 2
+    assert fast["cpu"] == "Test CPU" and fast["commit"] == "abc1234"
+
+
+def test_rows_stored_under_the_requested_class_are_rekeyed_by_the_class_seen(tmp_path):
+    old = {**row("fast", "native"), "key": "fast|native"}
+    path = tmp_path / "time_to_accuracy.json"
+    path.write_text(json.dumps({"format": 2, "rows": {"fast|native": old}}))
+    assert list(tta.load_store(path)["rows"]) == ["fast|AVX512-BF16|native"]
 
 
 # ----------------------------------------------------------------------------------------------- CPU classes
@@ -234,7 +251,7 @@ def test_smoke_run_writes_every_results_file(tmp_path, use_real_data):
 
     dated = json.loads(next(tmp_path.glob("time_to_accuracy-*-native.json")).read_text())
     new = dated["rows"][0]
-    assert new["key"] == "classic-adam +set|native" and new["precision"] == "fp32"
+    assert new["key"] == f"classic-adam +set|{new['cpu_class_seen']}|native" and new["precision"] == "fp32"
     assert new["test_accuracy"]["n"] == 1 and 0.1 < new["test_accuracy"]["mean"] <= 1.0
     assert new["time_seconds"]["mean"] == pytest.approx(new["train_seconds"]["mean"] + new["eval_seconds"]["mean"])
     assert new["onednn_isa_line"].startswith("onednn_verbose") and new["protocol"] == tta.PROTOCOL
@@ -244,7 +261,8 @@ def test_smoke_run_writes_every_results_file(tmp_path, use_real_data):
     assert all("test_accuracy" not in epoch for epoch in run["history"])  # never measured per epoch
 
     stored = json.loads((tmp_path / "time_to_accuracy.json").read_text())["rows"]
-    assert set(stored) == {"fast|avx512-bf16", "classic-adam +set|native"}
+    assert set(stored) == {"fast|AVX512-BF16|emulated", new["key"]}
     table = (tmp_path / "time_to_accuracy.md").read_text()
-    assert "| classic-adam +set | native | fp32 | 1 | 1 |" in table and "| fast | avx512-bf16 |" in table
+    assert f"| classic-adam +set | {new['cpu_class_seen']} | native | fp32 | 1 | 1 |" in table
+    assert "| fast | AVX512-BF16 | emulated: --cpu-class avx512-bf16 |" in table
     assert preset_results.read_bytes() == before

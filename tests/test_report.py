@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist import events, report
+from fmnist import config, events, report
 
 CLASSES = ["T-shirt/top", "Trouser", "Bag"]
 
@@ -120,11 +120,21 @@ def test_sweep_table_stars_the_best_trial_and_names_its_folder():
     assert report.sweep_event_line(events.TrialError("t2")) == "t2 failed"
 
 
-def test_presets_table_says_when_a_preset_is_not_benchmarked():
+def test_presets_table_shows_each_cpu_class_measured_fastest_first():
     presets = {"fast": {"description": "a quick CNN"}, "new": {"description": "untested"}}
-    lines = report.presets_table(presets, {"fast": {"test_accuracy": 0.9, "train_seconds": 42.4}})
-    assert lines[1] == f"{'fast':<18} {'90.00% in 42 s':<32} a quick CNN"
-    assert lines[2] == f"{'new':<18} {'not benchmarked yet':<32} untested"
+    results = {"fast": {"AVX2": {"test_accuracy": 0.9, "train_seconds": 142.4},
+                        "AVX512-BF16": {"test_accuracy": 0.91, "train_seconds": 42.4}}}
+    lines = report.presets_table(presets, results)
+    assert lines[0].split()[:5] == ["preset", "AVX512-BF16", "CPU", "AVX2", "CPU"]
+    assert lines[1] == f"{'fast':<18} {'91.00% in 42 s':<20}{'90.00% in 142 s':<20}a quick CNN"
+    assert lines[2] == f"{'new':<18} {'-':<20}{'-':<20}untested"
+    assert "per CPU class" in lines[3]
+
+
+def test_preset_results_of_the_older_form_are_read_per_class():
+    entry = {"test_accuracy": 0.95, "train_seconds": 1846.7, "cpu_class": "AMX"}
+    assert config.results_by_class(entry) == {"AMX": entry}
+    assert config.results_by_class({"AVX2": entry}) == {"AVX2": entry}
 
 
 @pytest.mark.parametrize("seconds,text", [(180, "3m"), (90, "1m30s"), (45, "45s"), (0.4, "0s")])

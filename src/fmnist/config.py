@@ -260,9 +260,19 @@ def resolve_config(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | Non
     return TrainConfig(**values)
 
 
-def preset_expectations() -> dict[str, dict[str, Any]]:
-    """`{preset: {"test_accuracy": ..., "train_seconds": ...}}` from the latest benchmark, or {} if none."""
+def preset_expectations() -> dict[str, dict[str, dict[str, Any]]]:
+    """`{preset: {cpu_class: {"test_accuracy": ..., "train_seconds": ...}}}` from the latest benchmark on each
+    CPU class (AVX2, AVX512-BF16, AMX), or {} if none."""
     try:
-        return json.loads(PRESET_RESULTS.read_text())["presets"]
+        presets = json.loads(PRESET_RESULTS.read_text())["presets"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return {}
+    return {name: results_by_class(entry) for name, entry in presets.items()}
+
+
+def results_by_class(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One preset's results keyed by CPU class; an entry of the older one-result-per-preset form becomes the
+    result for the class it names."""
+    if "test_accuracy" in entry:
+        return {entry.get("cpu_class") or "unknown": entry}
+    return entry

@@ -13,7 +13,7 @@ import re
 import torch
 
 from fmnist.errors import ConfigError
-from fmnist.hardware import DEVICE_HELP
+from fmnist.hardware import CPU_CLASSES, DEVICE_HELP
 
 
 def node_position() -> tuple[int, int] | None:
@@ -71,7 +71,6 @@ def describe(device: torch.device) -> str:
 _ISA_CAPS = (("AVX2", "AVX2"), ("AVX2_VNNI", "AVX2"), ("AVX2_VNNI_2", "AVX2"), ("AVX512_CORE", "AVX512"),
              ("AVX512_CORE_VNNI", "AVX512"), ("AVX512_CORE_BF16", "AVX512-BF16"), ("AVX512_CORE_FP16", "AVX512-BF16"),
              ("AVX512_CORE_AMX", "AMX"), ("AVX512_CORE_AMX_FP16", "AMX"))
-_CLASSES = ("SSE", "AVX2", "AVX512", "AVX512-BF16", "AMX")
 
 
 def cpu_class() -> str:
@@ -84,7 +83,7 @@ def cpu_class() -> str:
              "AVX2" if _probe(probes, "_is_avx2_supported") else "SSE")
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
     cap = dict(_ISA_CAPS).get(limit)
-    if cap is not None and _CLASSES.index(cap) < _CLASSES.index(found):
+    if cap is not None and CPU_CLASSES.index(cap) < CPU_CLASSES.index(found):
         return cap
     return found
 

@@ -10,6 +10,8 @@ import platform
 from pathlib import Path
 
 DEVICE_HELP = "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N"
+# What decides CPU speed for these networks, slowest first (`fmnist.devices.cpu_class` tells which this CPU is).
+CPU_CLASSES = ("SSE", "AVX2", "AVX512", "AVX512-BF16", "AMX")
 
 
 def usable_cores() -> int:

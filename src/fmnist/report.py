@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmnist import events
+from fmnist.hardware import CPU_CLASSES
 
 if TYPE_CHECKING:
     from fmnist.events import Start
@@ -54,14 +55,16 @@ def pixel_stats_line(split: str, mean: float, std: float, shape: Sequence[int], 
 # ----------------------------------------------------------------------------------------------- train
 def presets_table(presets: Mapping[str, Mapping[str, Any]], expected: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One row per preset with its benchmarked accuracy and time, so a choice can be made without reading code."""
-    lines = [f"{'preset':<18} {'latest benchmark (CPU class)':<32} description"]
+    classes = [name for name in reversed(CPU_CLASSES) if any(name in expected.get(preset, {}) for preset in presets)]
+    lines = [f"{'preset':<18} " + "".join(f"{name + ' CPU':<20}" for name in classes) + "description"]
     for name, values in presets.items():
-        row = expected.get(name)
-        shown = "not benchmarked yet"
-        if row:
-            where = f" ({row['cpu_class']})" if row.get("cpu_class") else ""
-            shown = f"{row['test_accuracy']:.2%} in {row['train_seconds']:.0f} s{where}"
-        lines.append(f"{name:<18} {shown:<32} {values['description']}")
+        results = expected.get(name, {})
+        cells = [f"{results[cls]['test_accuracy']:.2%} in {results[cls]['train_seconds']:.0f} s"
+                 if cls in results else "-" for cls in classes]
+        lines.append(f"{name:<18} " + "".join(f"{cell:<20}" for cell in cells) + values["description"])
+    if classes:
+        lines.append("(test accuracy and training time of the latest benchmark on 2 cores, per CPU class: "
+                     "benchmarks/results/time_to_accuracy.md)")
     return lines
 
 
