@@ -1,19 +1,30 @@
-"""Turning an arbitrary photo into a Fashion-MNIST-like 28x28 input.
+"""Turning an arbitrary photo into a Fashion-MNIST-like 28x28 input, with bounded cost.
 
 The dataset was made from product photos: trimmed, longest edge resized to 28, padded and centred, negated (light
 garment on black), 8-bit gray. A user's photo is the opposite (a dark garment on a light background, off-centre, in
 colour, maybe rotated by EXIF), so `prepare()` repeats the dataset's recipe step by step:
 
-    load -> gray -> invert (light garment) and darken the background -> trim -> fit to 28x28 -> match intensity
+    load -> gray -> shrink -> invert (light garment), darken the background -> trim -> fit to 28x28 -> match intensity
 
 Every step is a small public function so a page or a notebook can show the intermediate images. Every problem
 with an image raises `ImageError` with one line that names the file, the problem and the fix.
+
+Cost is bounded by the pixel count the header declares, never by a side squared: only six formats are opened
+(`ALLOWED_FORMATS`), the size is checked from the header before any pixel is decoded, only the first frame of an
+animation is decoded, a large JPEG is decoded at 1/2, 1/4 or 1/8 scale, the photo is made 8-bit gray before the
+float work (done a million pixels at a time) and shrunk to at most `WORK_SIDE` pixels a side right after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import os
+import struct
+import threading
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -24,12 +35,29 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fmnist.errors import ImageError
 
 SIZE = 28
-DEFAULT_MAX_PIXELS = 40_000_000
+# The largest photo a phone saves by default: 24 MP (iPhone 15/16, 5712x4284 = 24.5 MP); Pixel and Galaxy phones
+# save 12-12.5 MP unless a 50-200 MP mode is chosen. 25 MP is also `fmnist serve --max-pixels`' default, so the CLI
+# and the service accept the same photos. Measured at this limit, peak RSS of a fresh process (40 MB of it imports):
+# RGBA PNG 231 MB / 0.4-1.3 s (was 1,447 MB / 5-15 s), float TIFF 188 MB, progressive JPEG 117 MB, WebP 423 MB
+# (the worst: libwebp's canvas, Pillow's copy and the image are alive at once). See tests/test_abuse_images.py.
+DEFAULT_MAX_PIXELS = 25_000_000
+# The long side the pipeline works at. The garment ends up 28 pixels long, so 1024 leaves 9x oversampling even for
+# a garment a quarter of the photo wide; a 12 MP photo is shrunk 4x, which changes its 28x28 result by about one
+# gray level, and photos up to 1024 pixels a side are not shrunk at all (unchanged results).
+WORK_SIDE = 1024
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # Pillow's format ids; JPEG includes MPO photos
 # A garment must stand out from the background by at least this many gray levels: JPEG noise on a plain
 # background is a few levels, so anything weaker is treated as an empty photo rather than stretched into noise.
 MIN_CONTRAST = 24
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+_REDUCING_GAP = 3.0  # fit_to_canvas: box-reduce first until the last LANCZOS step shrinks at most 3x (Pillow's rule)
+_CHUNK = 1 << 20  # float64 work on a million pixels at a time: 8 MB per temporary instead of 8 bytes x pixels
+# Image.open warns about a decompression bomb (over 89 MP, refused by us anyway) through the process-wide warnings
+# filters; this lock keeps two of our threads from interleaving catch_warnings, which could leave a filter behind.
+_OPEN_LOCK = threading.Lock()
+_BROKEN = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError,
+           OverflowError)  # what Pillow's decoders raise on malformed files
 
 Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | np.ndarray | Image.Image
 
@@ -39,7 +67,8 @@ class Prepared:
     """The model input plus what led to it: the loaded photo and each intermediate image, for display.
 
     `steps` holds "gray", "inverted" (already with a black background), "trimmed", "resized" and "final"; an input
-    that passed through unchanged (already in dataset form) has only "gray" and "final".
+    that passed through unchanged (already in dataset form) has only "gray" and "final". `original` and the steps
+    of a photo larger than `WORK_SIDE` are shrunk to at most `WORK_SIDE` pixels a side, so a result stays small.
     """
 
     image: np.ndarray = field(repr=False)  # (28, 28) uint8, light garment on black
@@ -52,11 +81,14 @@ class Prepared:
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_image(source: str | os.PathLike | bytes | BinaryIO, *, name: str | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read a path, bytes or file object fully into a Pillow image, upright as the camera meant it (EXIF).
+               max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: int | None = None) -> Image.Image:
+    """Read a path, bytes or file object into a Pillow image, upright as the camera meant it (EXIF).
 
-    The whole image is decoded here, so a truncated upload fails now with a clear message instead of later with a
-    half-gray picture; the pixel limit is checked from the header, before any pixels are decoded.
+    Only `ALLOWED_FORMATS` are opened and only the first frame is decoded; the pixel limit is checked from the
+    header, before any pixel is decoded; the frame is then decoded fully, so a truncated upload fails now with a
+    clear message instead of later with a half-gray picture. With `draft_side`, a JPEG larger than twice that is
+    decoded at 1/2, 1/4 or 1/8 scale, keeping at least `draft_side` pixels on its long side (libjpeg scales while
+    decoding: a 24 MP photo then costs what a 1.5 MP one does).
     """
     label = _label(source, name)
     if isinstance(source, (str, os.PathLike)):
@@ -65,8 +97,34 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *, name: str | None
             raise ImageError(f"{label}: no such file; check the path")
         if not path.is_file():
             raise ImageError(f"{label}: not a regular file; pass an image file")
-        payload = path.read_bytes()
-    elif isinstance(source, (bytes, bytearray, memoryview)):
+        try:
+            with path.open("rb") as handle:  # read lazily: a huge non-image is refused from its first bytes
+                if os.fstat(handle.fileno()).st_size == 0:
+                    raise ImageError(f"{label}: the file is empty; upload the image again")
+                return _decode(handle, label, max_pixels, draft_side)
+        except OSError as error:
+            raise ImageError(f"{label}: cannot read the file ({error.strerror or error}); check its permissions") \
+                from None
+    return _decode(io.BytesIO(_payload(source, label)), label, max_pixels, draft_side)
+
+
+def header_size(stream: BinaryIO) -> tuple[int, int] | None:
+    """Width and height an upload's header declares, no pixel decoded; None when it is not an allowed image.
+
+    For a caller that budgets memory before decoding (the service): the same formats and the same quiet bomb
+    check as `load_image`, so the budget sees what will be decoded. The stream is rewound.
+    """
+    try:
+        return _open(stream).size
+    except Exception:  # unreadable, another format, or over Pillow's limit: load_image says which, in one line
+        return None
+    finally:
+        stream.seek(0)
+
+
+def _payload(source: object, label: str) -> bytes:
+    """The bytes of an in-memory or file-object source (read from its current position, as a caller expects)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
         payload = bytes(source)
     elif hasattr(source, "read"):
         payload = source.read()
@@ -77,25 +135,69 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *, name: str | None
                          "pass a path, bytes, a binary file or a numpy array")
     if not payload:
         raise ImageError(f"{label}: the file is empty; upload the image again")
+    return payload
+
+
+def _decode(stream: BinaryIO, label: str, max_pixels: int, draft_side: int | None) -> Image.Image:
+    """Open (allowed formats only), check the header's size, then decode the first frame and apply EXIF."""
     try:
-        with Image.open(io.BytesIO(payload)) as opened:
-            width, height = opened.size
-            if width == 0 or height == 0:
-                raise ImageError(f"{label}: the image is {width}x{height} pixels; it has no pixels to read")
-            if width * height > max_pixels:
-                raise _too_large(label, width, height, max_pixels)
-            opened.load()
-            image = _upright(opened)
-    except Image.DecompressionBombError as error:
-        raise ImageError(f"{label}: the image is too large to decode safely, over the limit of {max_pixels:,} "
-                         f"pixels ({error}); resize it before uploading") from None
+        image = _open(stream)
+        width, height = image.size
+        if width == 0 or height == 0:
+            raise ImageError(f"{label}: the image is {width}x{height} pixels; it has no pixels to read")
+        if width * height > max_pixels:
+            raise _too_large(label, width, height, max_pixels)
+        if draft_side and image.format in ("JPEG", "MPO") and max(width, height) >= 2 * draft_side:
+            scale = draft_side / max(width, height)
+            image.draft(image.mode, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
+        image.load()  # the current frame only: the first, as opened; other frames are never decoded
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # over Pillow's own limit (89 MP)
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        raise ImageError(f"{label}: the image is too large to decode safely, over the limit of {limit:,} pixels; "
+                         "resize it before uploading") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{label}: not an image (or a format Pillow cannot read); use {_FORMATS}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageError(_unidentified(stream, label)) from None
+    except _BROKEN as error:
         detail = " ".join(str(error).split()) or type(error).__name__
         raise ImageError(f"{label}: the image cannot be decoded ({detail}); the file is truncated or corrupt, "
                          "save or download it again") from None
+    except MemoryError:  # a tight container: still one line and a 4xx, not a traceback or a 500
+        raise ImageError(f"{label}: not enough memory to decode the image; resize it before uploading") from None
+    _upright(image)
     return image
+
+
+def _open(stream: BinaryIO) -> Image.Image:
+    """`Image.open` limited to `ALLOWED_FORMATS`, with Pillow's bomb warning raised as an error for this call only.
+
+    Pillow warns (instead of refusing) between 89 and 179 megapixels; our own limit refuses those anyway, so the
+    warning would only add a multi-line message to the CLI's one-line error. Nothing is changed process-wide.
+    """
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(stream, formats=ALLOWED_FORMATS)
+
+
+def _unidentified(stream: BinaryIO, label: str) -> str:
+    """Why Pillow found no allowed format: another image format, or not an image.
+
+    The other format is named from the 16-byte prefix only (hedged: some magic numbers are shared, a TGA can
+    look like a cursor), so nothing of it is parsed or decoded.
+    """
+    stream.seek(0)
+    prefix = stream.read(16)
+    Image.init()
+    for kind, (_, accept) in Image.OPEN.items():
+        try:
+            matched = accept is not None and accept(prefix) is True
+        except Exception:  # an exotic plugin's header test must not turn a refusal into a crash
+            matched = False
+        if matched and kind in ALLOWED_FORMATS:
+            return f"{label}: not an image: its {kind} header is invalid; save or download it again"
+        if matched:
+            return (f"{label}: not an accepted image format (its header looks like {kind}); convert it to PNG or "
+                    f"JPEG ({_FORMATS} are read)")
+    return f"{label}: not an image (or not one of the accepted formats); use {_FORMATS}"
 
 
 def _label(source: object, name: str | None) -> str:
@@ -116,12 +218,37 @@ def _too_large(label: str, width: int, height: int, max_pixels: int) -> ImageErr
                       f"{max_pixels:,}; resize it before uploading")
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation (phones store photos sideways and set a tag); a broken tag is ignored."""
+def _upright(image: Image.Image) -> None:
+    """Apply the EXIF orientation in place (phones store photos sideways and set a tag); a broken tag is ignored.
+
+    In place: without a tag the copying version would duplicate the whole decoded image for nothing.
+    """
+    with contextlib.suppress(Exception):  # a malformed EXIF block must not cost the prediction: keep the pixels
+        ImageOps.exif_transpose(image, in_place=True)
+
+
+def shrink(gray: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
+    """Box-average a gray image by a whole factor until its long side is at most `side`.
+
+    Everything after this costs what a 1 MP image does, whatever the photo's size; 28x28 needs no more.
+    """
+    factor = math.ceil(max(gray.shape) / side)
+    return np.asarray(Image.fromarray(gray).reduce(factor)) if factor > 1 else gray
+
+
+def _for_display(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
+    """A copy at most `side` pixels a side to keep as `Prepared.original` (the full photo is let go)."""
+    factor = math.ceil(max(image.size) / side)
+    if factor <= 1:
+        return image
     try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block must not cost the prediction: use the pixels as stored
-        return image.copy()
+        if image.mode in ("P", "1", "LA", "RGBA", "PA") or image.mode.startswith("I;16"):
+            # reduce() cannot average palettes and would make a full-size premultiplied copy of RGBA first
+            return image.resize((math.ceil(image.width / factor), math.ceil(image.height / factor)),
+                                Image.Resampling.NEAREST)
+        return image.reduce(factor)
+    except (ValueError, OSError):  # an exotic mode neither can handle: keep the photo as it is
+        return image
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -135,13 +262,83 @@ def _border(gray: np.ndarray, width: int | None = None) -> np.ndarray:
                            gray[width:-width, :width].ravel(), gray[width:-width, -width:].ravel()])
 
 
-def _to_uint8(values: np.ndarray, full_scale: float | None) -> np.ndarray:
-    """Scale numbers whose white is `full_scale` to 0..255; without a known scale, stretch min..max."""
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+def _chunked(arrays: tuple[np.ndarray, ...], function: Callable[..., np.ndarray]) -> np.ndarray:
+    """`function` applied elementwise to same-shaped arrays a million values at a time, as uint8.
+
+    The same arithmetic as on the whole arrays, so the same result, but float64 temporaries of a 25 MP image would
+    take 200 MB each; per chunk they take 8 MB.
+    """
+    flats = [np.ravel(array) for array in arrays]
+    out = np.empty(flats[0].size, np.uint8)
+    for start in range(0, out.size, _CHUNK):
+        out[start:start + _CHUNK] = function(*(flat[start:start + _CHUNK] for flat in flats))
+    return out.reshape(arrays[0].shape)
+
+
+def _value_range(values: np.ndarray, clean: Callable[[np.ndarray], np.ndarray]) -> tuple[float, float]:
+    """min and max of `clean(values)`, a chunk at a time (see `_chunked`)."""
+    flat = np.ravel(values)
+    if flat.size == 0:
+        return 0.0, 0.0
+    parts = [clean(flat[start:start + _CHUNK]) for start in range(0, flat.size, _CHUNK)]
+    return min(float(part.min()) for part in parts), max(float(part.max()) for part in parts)
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """As float64 with NaN and infinities made 0."""
+    return np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _extremes(values: np.ndarray) -> np.ndarray:
+    """As float64 with NaN made 0 and infinities the largest floats (how I and F images were always read)."""
+    return np.nan_to_num(values.astype(np.float64))
+
+
+def _scaled(values: np.ndarray, low: float, factor: float, clean: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    return np.clip(np.rint((clean(values) - low) * factor), 0, 255)
+
+
+def _to_uint8(values: np.ndarray, full_scale: float | None,
+              clean: Callable[[np.ndarray], np.ndarray] = _finite) -> np.ndarray:
+    """Scale numbers whose white is `full_scale` to 0..255; without a known scale, stretch min..max.
+
+    `clean` turns a chunk into finite float64 (by default NaN and infinities become 0).
+    """
+    low = 0.0
     if full_scale is None:
-        low, high = float(values.min()), float(values.max())
-        values, full_scale = values - low, (high - low) or 1.0
-    return np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+        low, high = _value_range(values, clean)
+        full_scale = (high - low) or 1.0
+    factor = 255.0 / full_scale
+    return _chunked((values,), lambda chunk: _scaled(chunk, low, factor, clean))
+
+
+def _bands(image: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """The image's rows as arrays, about a million pixels at a time (np.asarray of a whole image copies it twice)."""
+    rows = max(1, _CHUNK // max(1, image.width))
+    for top in range(0, image.height, rows):
+        yield top, np.asarray(image.crop((0, top, image.width, min(top + rows, image.height))))
+
+
+def _numeric_to_gray(image: Image.Image) -> np.ndarray:
+    """16-bit, 32-bit integer and float images as uint8, a band of rows at a time (see `to_grayscale`)."""
+    clean, low, full_scale = _finite, 0.0, 65535.0  # 16-bit: white is 65535
+    if image.mode in ("I", "F"):
+        clean = _extremes
+        ranges = [_value_range(band, clean) for _, band in _bands(image)]
+        low, high = min(part[0] for part in ranges), max(part[1] for part in ranges)
+        if image.mode == "F" and low >= 0 and high <= 1:
+            low, full_scale = 0.0, 1.0
+        elif low >= 0 and high <= 255:
+            low, full_scale = 0.0, 255.0
+        elif low >= 0 and high <= 65535:
+            low, full_scale = 0.0, 65535.0
+        else:  # no known white: stretch min..max
+            full_scale = (high - low) or 1.0
+    factor = 255.0 / full_scale
+    out = np.empty((image.height, image.width), np.uint8)
+    for top, band in _bands(image):
+        out[top:top + band.shape[0]] = _scaled(band, low, factor, clean)
+    return out
 
 
 def _transparent_background(gray: np.ndarray, alpha: np.ndarray) -> float:
@@ -161,34 +358,42 @@ def _transparent_background(gray: np.ndarray, alpha: np.ndarray) -> float:
     return 255.0 if np.median(garment) < 128 else 0.0
 
 
+def _gray_and_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit gray and alpha of an image with transparency, without copying an RGBA image that is one already."""
+    if image.mode == "LA":
+        return np.asarray(image.getchannel(0)), np.asarray(image.getchannel("A"))
+    rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+    return np.asarray(rgba.convert("L")), np.asarray(rgba.getchannel("A"))
+
+
+def _composite(image: Image.Image) -> np.ndarray:
+    """Gray with transparent pixels blended onto the background chosen by `_transparent_background`."""
+    gray, alpha = _gray_and_alpha(image)
+    if alpha.min() == 255:
+        return gray
+    background = _transparent_background(gray, alpha)
+
+    def blend(gray_chunk: np.ndarray, alpha_chunk: np.ndarray) -> np.ndarray:
+        opacity = alpha_chunk / 255.0
+        return np.clip(np.rint(gray_chunk.astype(np.float64) * opacity + background * (1 - opacity)), 0, 255)
+
+    return _chunked((gray, alpha), blend)
+
+
 def to_grayscale(image: Image.Image) -> np.ndarray:
     """Any Pillow image as (H, W) uint8 gray, because the dataset is 8-bit gray.
 
     16-bit images are scaled (65535 -> 255) rather than clipped; float images in 0..1 are scaled by 255;
-    transparency is composited onto a background chosen by `_transparent_background`.
+    transparency is composited onto a background chosen by `_transparent_background`. Memory stays near the
+    decoded image's own size: no float64 copy of the whole image, no RGB copy of an RGB image.
     """
     mode = image.mode
-    if mode in _SIXTEEN_BIT:
-        return _to_uint8(np.asarray(image), 65535.0)
-    if mode in ("I", "F"):
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        low, high = float(values.min()), float(values.max())
-        if mode == "F" and low >= 0 and high <= 1:
-            return _to_uint8(values, 1.0)
-        if low >= 0 and high <= 255:
-            return _to_uint8(values, 255.0)
-        return _to_uint8(values, 65535.0 if low >= 0 and high <= 65535 else None)
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        return _numeric_to_gray(image)
     try:
         if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            gray = np.asarray(rgba.convert("L"), dtype=np.float64)
-            alpha = np.asarray(rgba.getchannel("A"))
-            if alpha.min() == 255:
-                return gray.astype(np.uint8)
-            opacity = alpha / 255.0
-            composited = gray * opacity + _transparent_background(gray, alpha) * (1 - opacity)
-            return _to_uint8(composited, 255.0)
-        if mode in ("L", "1", "P"):
+            return _composite(image)
+        if mode in ("L", "1", "P", "RGB"):
             return np.asarray(image.convert("L"))
         return np.asarray(image.convert("RGB").convert("L"))
     except (ValueError, OSError) as error:
@@ -247,17 +452,66 @@ def trim(gray: np.ndarray, threshold: float = 0.1, margin: float = 0.0) -> np.nd
 def fit_to_canvas(gray: np.ndarray, size: int = SIZE) -> np.ndarray:
     """Resize the longest edge to `size` keeping the aspect ratio, centred on black, as the dataset was made.
 
-    The crop is first centred on a black square and the square resized, so the short side keeps its exact scale
-    and position instead of being rounded to whole pixels (measured: clearly closer to the dataset's images).
-    LANCZOS keeps edges crisp; `reducing_gap` box-downscales very large crops first, which is much faster.
+    The result is that of centring the crop on a black square of its long side and resizing the square (LANCZOS,
+    box-reducing first while more than 3x too large), so the short side keeps its exact scale and position instead
+    of being rounded to whole pixels (measured: clearly closer to the dataset's images). But the square is never
+    built at full size: the crop is box-reduced first and padded after, so the cost grows with the crop's pixel
+    count, not with its long side squared (a 1x100,000 crop would otherwise need a 10 GB square).
     """
     height, width = gray.shape
     side = max(height, width)
-    square = np.zeros((side, side), dtype=np.uint8)
-    top, left = (side - height) // 2, (side - width) // 2
-    square[top:top + height, left:left + width] = gray
-    resized = Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    factor = int(side / size / _REDUCING_GAP) or 1
+    square = _reduce_onto_square(gray, side, factor)
+    extent = side / factor
+    resized = Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS, box=(0, 0, extent, extent))
     return np.asarray(resized)
+
+
+def _reduce_onto_square(gray: np.ndarray, side: int, factor: int) -> np.ndarray:
+    """What `Image.reduce(factor)` gives for `gray` centred on a black `side` x `side` square, from the crop alone.
+
+    Block sums come from the crop's own pixels (np.add.reduceat on the block boundaries the square would have);
+    the black padding adds nothing to a sum but counts in its block's size. Rounded like Pillow's reduce().
+    """
+    height, width = gray.shape
+    top, left = (side - height) // 2, (side - width) // 2
+    cells = -(-side // factor)
+    square = np.zeros((cells, cells), np.uint8)
+    if factor == 1:
+        square[top:top + height, left:left + width] = gray
+        return square
+    row_starts, first_row = _block_starts(top, height, factor)
+    col_starts, first_col = _block_starts(left, width, factor)
+    if len(row_starts) * width <= height * len(col_starts):  # sum along the axis that shrinks most first
+        sums = np.add.reduceat(np.add.reduceat(gray, row_starts, axis=0, dtype=np.uint64), col_starts, axis=1)
+    else:
+        sums = np.add.reduceat(np.add.reduceat(gray, col_starts, axis=1, dtype=np.uint64), row_starts, axis=0)
+    rows = np.arange(first_row, first_row + len(row_starts))
+    cols = np.arange(first_col, first_col + len(col_starts))
+    counts = (np.minimum(factor, side - rows * factor)[:, None]
+              * np.minimum(factor, side - cols * factor)[None, :]).astype(np.uint64)
+    square[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = _pillow_mean(sums, counts)
+    return square
+
+
+def _block_starts(offset: int, length: int, factor: int) -> tuple[np.ndarray, int]:
+    """Where the square's blocks of `factor` start inside a crop placed at `offset`, and the first block's index."""
+    first, last = offset // factor, (offset + length - 1) // factor
+    starts = np.arange(first, last + 1) * factor - offset
+    starts[0] = 0
+    return starts, first
+
+
+def _pillow_mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Block means rounded bit for bit as Pillow's reduce() does (a float32 reciprocal, then a 24-bit shift).
+
+    Beyond Pillow's range (blocks of 65,536 pixels or more, where its reciprocal loses precision) they are rounded
+    exactly.
+    """
+    multiplier = np.floor(np.float32(2.0**32) / (counts * 256).astype(np.float32)).astype(np.uint64)
+    pillow = ((sums + counts // 2) * multiplier) >> np.uint64(24)
+    exact = (sums + counts // 2) // counts
+    return np.where(counts < 65536, pillow, exact).astype(np.uint8)
 
 
 def match_intensity(gray: np.ndarray, percentile: float = 99.5) -> np.ndarray:
@@ -313,25 +567,15 @@ def prepare(source: Source, *, name: str | None = None, max_pixels: int = DEFAUL
     """Turn a photo (path, bytes, file object, numpy array or Pillow image) into the model's 28x28 input.
 
     Inputs already in dataset form (28x28 on a dark border) pass through unchanged, so dataset images and
-    their exports predict exactly as in evaluation.
+    their exports predict exactly as in evaluation. The photo is made gray and shrunk to `WORK_SIDE` before the
+    other steps, and the full-size decoded photo is let go, so the cost after decoding is that of a small image.
     """
     label = _label(source, name)
-    if isinstance(source, np.ndarray):
-        original = _from_array(source, label)
-    elif isinstance(source, Image.Image):
-        if source.width == 0 or source.height == 0:
-            raise ImageError(f"{label}: the image is {source.width}x{source.height} pixels; it has no pixels")
-        if source.width * source.height > max_pixels:
-            raise _too_large(label, source.width, source.height, max_pixels)
-        try:
-            source.load()
-        except (OSError, SyntaxError, ValueError) as error:
-            raise ImageError(f"{label}: the image cannot be decoded ({error}); it is truncated or corrupt") from None
-        original = source
-    else:
-        original = load_image(source, name=name, max_pixels=max_pixels)
+    original = _original(source, label, max_pixels)
     try:
         gray = to_grayscale(original)
+        original = _for_display(original)
+        gray = shrink(gray)
         if looks_like_dataset_image(gray):
             return Prepared(gray, original, {"gray": gray, "final": gray}, False, True, label)
         inverted, was_inverted = invert_if_light_background(gray)
@@ -341,5 +585,24 @@ def prepare(source: Source, *, name: str | None = None, max_pixels: int = DEFAUL
         final = match_intensity(resized)
     except ImageError as error:
         raise ImageError(f"{label}: {error}") from None
+    except MemoryError:
+        raise ImageError(f"{label}: not enough memory to prepare the image; resize it before uploading") from None
     steps = {"gray": gray, "inverted": inverted, "trimmed": trimmed, "resized": resized, "final": final}
     return Prepared(final, original, steps, was_inverted, False, label)
+
+
+def _original(source: Source, label: str, max_pixels: int) -> Image.Image:
+    """The source as a decoded Pillow image: arrays converted, images checked and loaded, anything else read."""
+    if isinstance(source, np.ndarray):
+        return _from_array(source, label)
+    if not isinstance(source, Image.Image):
+        return load_image(source, name=label, max_pixels=max_pixels, draft_side=WORK_SIDE)
+    if source.width == 0 or source.height == 0:
+        raise ImageError(f"{label}: the image is {source.width}x{source.height} pixels; it has no pixels")
+    if source.width * source.height > max_pixels:
+        raise _too_large(label, source.width, source.height, max_pixels)
+    try:
+        source.load()
+    except _BROKEN as error:
+        raise ImageError(f"{label}: the image cannot be decoded ({error}); it is truncated or corrupt") from None
+    return source
