@@ -65,17 +65,16 @@ INFERENCE_TARGET = 3.0  # batch inference >= 3x faster than Keras model.predict 
 # ----------------------------------------------------------------------------------------------- the fmnist child
 def fmnist_child(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Train `preset` through fmnist's Python API in this (fresh) process and measure what the peers measure."""
-    import resource
-
     import numpy as np
     import torch
 
     from fmnist import data, evaluate, events
+    from fmnist.hardware import peak_rss_mib
     from fmnist.predict import Classifier
-    from fmnist.train import resolve_config, train, write_run
+    from fmnist.training import resolve_config, train, write_run
 
     def peak() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mib()
 
     def median_ms(function) -> float:
         function()  # warm-up
@@ -208,7 +207,7 @@ def fmnist_overrides(preset: str, rep: int, tiny: bool, extra: dict[str, Any] | 
         sys.path.insert(0, str(PEERS))
     from _common import validation_size  # the rule the peers use, so a tiny sgd pair still matches
 
-    from fmnist.train import PRESETS
+    from fmnist.training import PRESETS
 
     overrides: dict[str, Any] = {"seed": rep, **(extra or {})}
     if tiny:

@@ -202,7 +202,7 @@ def test_tensors(config, arrays):
     import torch
 
     from fmnist import data
-    from fmnist.train import load_splits
+    from fmnist.training import load_splits
 
     images, labels = load_splits(config.model_copy(update={"validation": 0}), arrays)["test"]
     mean, std = data.normalization(config.normalize == "standard")
@@ -252,12 +252,11 @@ def inference_speed(model, x) -> dict[str, float]:
 
 def child_run(preset: str, seed: int, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """In a run child: load the data, warm up (untimed), train on the fixed schedule, evaluate the test set once."""
-    import resource
-
     import torch
 
     from fmnist import data, devices
-    from fmnist.train import train
+    from fmnist.hardware import peak_rss_mib
+    from fmnist.training import train
 
     started = time.perf_counter()
     arrays = data.load_data()
@@ -269,7 +268,7 @@ def child_run(preset: str, seed: int, overrides: Mapping[str, Any]) -> dict[str,
     result = train(config, arrays=arrays)
     x, y = test_tensors(config, arrays)
     evaluation = timed_evaluation(result.model, x, y, config.tta)
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before inference adds its own
+    peak_rss_mib = peak_rss_mib()  # before inference adds its own
     metrics = result.metrics
     probe_seconds = metrics.get("budget", {}).get("probe_seconds", 0.0)
     return {

@@ -48,7 +48,7 @@ print("mean pixel of the training set:", round(float(x_train.mean() / 255), 4))"
 The TensorFlow tutorial's model: flatten the image, one hidden layer of 128 ReLU units, 10 outputs, Adam, batches
 of 32. `train` takes a preset and overrides; here 3 epochs on 20,000 images, holding out 2,000 to validate. The
 history holds loss and accuracy per epoch, for training and validation."""),
-    ("code", """from fmnist.train import resolve_config, train
+    ("code", """from fmnist.training import resolve_config, train
 
 dense = train(resolve_config("classic-adam", {"epochs": 3, "train_subset": 20000, "validation": 2000}),
               out_dir="runs/tour-dense")

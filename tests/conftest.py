@@ -133,7 +133,7 @@ def real_mlp_run(tmp_path_factory, real_data_source) -> Path:
 
     Tests only read it; a test that changes a run trains its own.
     """
-    from fmnist import train as training
+    from fmnist import training
 
     folder = tmp_path_factory.mktemp("real-mlp") / "run"
     config = training.resolve_config("classic-adam", {"epochs": 2, "train_subset": 5000, "test_subset": 1000,

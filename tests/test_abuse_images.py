@@ -3,9 +3,9 @@
 The findings these guard against (issue "Hardening"): a 180-byte 1x100,000 PNG needed a 10 GB square
 (fit_to_canvas padded before resizing); an RGBA PNG at the pixel limit cost 1.4-2.2 GB and seconds; an icon was
 fully decoded before any size check; Pillow's decompression-bomb warning leaked onto stderr. The worst cases run in
-a child process so their peak memory (ru_maxrss) is measured alone; the child's address space is capped at
-CHILD_ADDRESS_SPACE, as a container's memory limit would, so an O(side^2) allocation fails there instead of being
-lazily mapped by Linux.
+a child process so their peak memory (VmHWM, `fmnist.hardware.peak_rss_mib`) is measured alone; the child's
+address space is capped at CHILD_ADDRESS_SPACE, as a container's memory limit would, so an O(side^2) allocation
+fails there instead of being lazily mapped by Linux.
 
 Measured on this machine (Pillow 13, numpy 2, Python 3.11, a fresh child process, about 40 MB of it imports):
 1x100,000 PNG 41 MB / 0.02 s (before: a 9.3 GiB allocation); 5000x5000 RGBA PNG 231 MB / 0.4-1.3 s (before:
@@ -59,7 +59,8 @@ except ImageError as error:
 except BaseException as error:
     result = {"crash": f"{type(error).__name__}: {error}"[:300]}
 result["seconds"] = time.perf_counter() - start
-result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from fmnist.hardware import peak_rss_mib
+result["peak_mb"] = peak_rss_mib()
 print(json.dumps(result))
 """
 

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_train import learnable_arrays, small
 
-from fmnist import evaluate
-from fmnist import train as training
+from fmnist import evaluate, training
 from fmnist.predict import Classifier
 
 

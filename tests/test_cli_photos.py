@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from test_train import learnable_arrays, small
 
-from fmnist import train as training
+from fmnist import training
 from fmnist.cli import main
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist import distributed, train
+from fmnist import distributed, training
 from fmnist.devices import describe, node_position, resolve_device
 from fmnist.errors import ConfigError
 from fmnist.predict import Classifier
@@ -90,8 +90,8 @@ def test_node_position_reads_torchrun_environment(monkeypatch):
 def test_backend_and_precision_follow_the_device(two_gpus):
     assert distributed.backend_for(torch.device("cuda", 1)) == "nccl"
     assert distributed.backend_for(torch.device("cpu")) == "gloo"
-    assert train.resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
-    assert train.resolve_precision("fp32", torch.device("cuda", 0)) == "fp32"
+    assert training.resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert training.resolve_precision("fp32", torch.device("cuda", 0)) == "fp32"
 
 
 def small_arrays(n_train: int = 256, n_test: int = 64):
@@ -107,12 +107,12 @@ def small_arrays(n_train: int = 256, n_test: int = 64):
 
 
 def test_training_records_where_it_ran_and_refuses_a_missing_gpu_before_writing(tmp_path, no_gpu):
-    config = train.resolve_config("classic-adam", {"epochs": 1})
-    result = train.train(config, arrays=small_arrays(), out_dir=tmp_path / "cpu-run", device="cpu")
+    config = training.resolve_config("classic-adam", {"epochs": 1})
+    result = training.train(config, arrays=small_arrays(), out_dir=tmp_path / "cpu-run", device="cpu")
     assert result.metrics["device"] == "cpu" and result.metrics["processes"] == 1
     assert json.loads((tmp_path / "cpu-run" / "metrics.json").read_text())["device"] == "cpu"
     with pytest.raises(ConfigError, match="use --device cpu"):
-        train.train(config, arrays=small_arrays(), out_dir=tmp_path / "gpu-run", device="cuda")
+        training.train(config, arrays=small_arrays(), out_dir=tmp_path / "gpu-run", device="cuda")
     assert not (tmp_path / "gpu-run").exists()  # refused before any file was written
     with pytest.raises(ConfigError, match="use --device cpu"):
         Classifier.load(tmp_path / "cpu-run", device="cuda")
@@ -129,7 +129,8 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
                                      ["evaluate", "RUN", "--device", "cuda:0"],
                                      ["predict", "RUN", "--index", "0", "--device", "cuda"]])
 def test_cli_refuses_a_missing_gpu_in_one_line(command, tmp_path):
-    train.train(train.resolve_config("classic-adam", {"epochs": 1}), arrays=small_arrays(), out_dir=tmp_path / "run")
+    config = training.resolve_config("classic-adam", {"epochs": 1})
+    training.train(config, arrays=small_arrays(), out_dir=tmp_path / "run")
     done = run_cli(*[str(tmp_path / "run") if part == "RUN" else part for part in command], cwd=tmp_path)
     assert done.returncode == 2
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # nothing written

@@ -7,8 +7,7 @@ import pytest
 import torch
 from test_train import learnable_arrays, small
 
-from fmnist import embedding, plots
-from fmnist import train as training
+from fmnist import embedding, plots, training
 from fmnist.cli import main
 from fmnist.errors import ConfigError
 from fmnist.predict import Classifier

@@ -12,7 +12,7 @@ import pytest
 from test_train import small
 
 import fmnist
-from fmnist import train as training
+from fmnist import training
 from fmnist.cli import main
 from fmnist.errors import FmnistError, ImageError, ModelFileError
 from fmnist.export import OnnxClassifier, export_onnx

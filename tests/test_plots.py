@@ -190,6 +190,27 @@ def test_prediction_grid_colours_right_green_and_wrong_red(tmp_path):
     assert picture.size[0] > 300 and picture.size[1] > 300
 
 
+def test_probability_grid_pairs_each_image_with_its_bars(tmp_path):
+    images, labels = images_and_labels(5)
+    predicted = labels.copy()
+    predicted[1] = (labels[1] + 1) % 10  # one mistake
+    probabilities = probabilities_for(predicted, 0.8)
+    figure = plots.probability_grid(images, probabilities, labels, columns=3)
+    axes = figure.axes
+    assert len(axes) == 12  # 2 rows x 3 columns x (image, bars)
+    right_bars, wrong_bars = axes[1].patches, axes[3].patches
+    assert len(right_bars) == 10
+    np.testing.assert_allclose([bar.get_height() for bar in right_bars], probabilities[0])
+    assert same_color(right_bars[labels[0]].get_facecolor(), plots.RIGHT)
+    assert same_color(wrong_bars[predicted[1]].get_facecolor(), plots.WRONG)
+    assert same_color(wrong_bars[labels[1]].get_facecolor(), plots.RIGHT)
+    assert axes[2].get_xlabel() == f"{CLASS_NAMES[predicted[1]]} 80%\n({CLASS_NAMES[labels[1]]})"
+    assert same_color(axes[2].xaxis.label.get_color(), plots.WRONG)
+    assert not axes[10].axison and not axes[11].axison  # the sixth cell is empty
+    picture = save_and_open(figure, tmp_path / "grid.png")
+    assert picture.size[0] > picture.size[1] > 300
+
+
 def test_image_with_probabilities_wrong_prediction(tmp_path):
     image = images_and_labels(1)[0][0]
     probabilities = probabilities_for(np.array([4]), 0.7)[0]

@@ -57,6 +57,7 @@ def test_labelled_image_lines_mark_a_wrong_prediction_and_sort_by_probability():
     lines = report.labelled_image_lines(item)
     assert lines[0] == "test image 7: Bag (60.0%), true Trouser [WRONG]"
     assert [line.split()[0] for line in lines[1:]] == ["Bag", "Trouser", "T-shirt/top"]
+    assert [line.split()[0] for line in report.labelled_image_lines(item, top=2)[1:]] == ["Bag", "Trouser"]
 
 
 def test_predictions_csv_keeps_failed_files_and_quotes_commas():
@@ -80,6 +81,8 @@ def test_evaluation_lines_report_an_uncalibrated_run():
     assert lines[1] == "probabilities not calibrated (the run had no validation split)"
     assert f"{'Bag':<14}     0.950     0.900     0.925     1000" in lines
     assert lines[-1] == "         Shirt -> T-shirt/top   120 images"
+    assert lines[2] == "test loss 0.3000  test accuracy 0.9000  (flip TTA: loss 0.2900, accuracy 0.9100)"
+    assert report.evaluation_lines("m", {**result, "tta": None})[2] == "test loss 0.3000  test accuracy 0.9000"
 
 
 def test_runs_table_aligns_names_and_shows_dashes_for_missing_values():

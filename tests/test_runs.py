@@ -7,7 +7,7 @@ import json
 import pytest
 from test_train import learnable_arrays, small
 
-from fmnist import train as training
+from fmnist import training
 from fmnist.cli import main
 from fmnist.runs import list_runs, read_history, summary
 

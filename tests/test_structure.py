@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist import checkpoint, data
-from fmnist import train as training
+from fmnist import checkpoint, data, training
 from fmnist.cli import main
 from fmnist.config import TrainConfig, resolve_config, setting_names
 from fmnist.errors import ConfigError, ModelFileError
@@ -39,11 +38,11 @@ def calibrated_run(tmp_path_factory):
 @pytest.mark.parametrize("values,message", [
     ({"epochs": "5"}, "setting epochs must be an integer, got '5'"),
     ({"lr": True}, "setting lr must be a number"),
-    ({"hidden": [32, 0]}, "setting hidden must be a list of positive integers, got [32, 0]"),
+    ({"hidden": [32, 0]}, "setting hidden must be a list of integers from 1 to 16384, got [32, 0]"),
     ({"epoch": 3}, "unknown setting 'epoch'; did you mean 'epochs'?"),
     ({"precision": "fp16"}, "precision 'fp16' is not one of fp32, bf16, auto"),
     ({"momentum": 1.5}, "momentum must be in [0, 1), got 1.5"),
-    ({"threads": 0}, "threads must be at least 1, got 0"),
+    ({"threads": 0}, "threads must be in [1, 1024], got 0"),
 ])
 def test_config_errors_are_one_line_and_name_the_setting(values, message):
     with pytest.raises(ConfigError) as caught:
@@ -53,7 +52,7 @@ def test_config_errors_are_one_line_and_name_the_setting(values, message):
 
 def test_assignment_is_validated_too():
     config = TrainConfig()
-    with pytest.raises(ConfigError, match="batch_size must be positive"):
+    with pytest.raises(ConfigError, match=r"batch_size must be in \(0, 16384\], got 0"):
         config.batch_size = 0
 
 

@@ -83,8 +83,8 @@ def test_grid_repeats_get_their_own_seeds():
     ({"search": "grid"}, "search: grid takes only grid"),
     ({"fixed": {"lr": 0.1}}, "lr is both fixed and searched"),
     ({"space": {"optimizer": {"choice": ["sgd", "rmsprop"]}}}, "space.optimizer value 'rmsprop': optimizer 'rmsprop'"),
-    ({"space": {"widths": {"choice": [[16, 32, 64], [32, -64]]}}}, "widths must be a list of positive integers"),
-    ({"fixed": {"batch_size": 0}}, "first trial's settings are invalid: batch_size must be positive"),
+    ({"space": {"widths": {"choice": [[16, 32, 64], [32, -64]]}}}, "widths must be a list of integers from 1 to 1024"),
+    ({"fixed": {"batch_size": 0}}, "first trial's settings are invalid: batch_size must be in (0, 16384], got 0"),
     ({"fixed": {"validation": 0}}, "needs a validation split"),
     ({"asha": {"grace_period": 5}}, "asha.grace_period 5 leaves no epoch to stop at"),
     ({"asha": {"grace_priod": 1}}, "did you mean 'grace_period'?"),
@@ -150,7 +150,7 @@ def test_a_trial_cut_off_between_epochs_becomes_a_run_folder(tmp_path):
     """What Tune does to a trial ASHA stops (SystemExit while it waits to report), without Ray."""
     import torch
 
-    from fmnist.train import train
+    from fmnist.training import train
 
     tiny = sweep.parse_spec({"preset": "classic-adam", "fixed": {"epochs": 3, "validation": 40},
                              "space": {"lr": {"choice": [0.01]}}})

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist import train as training
+from fmnist import training
 from fmnist.checkpoint import load_model
 from fmnist.errors import ConfigError, ModelFileError
 from fmnist.events import EpochStart

@@ -1,10 +1,37 @@
 """fmnist: Fashion-MNIST done right, with PyTorch.
 
-Import is light: torch-heavy parts load on first use.
+    import fmnist
+    x_train, y_train, x_test, y_test = fmnist.load_data()
+    result = fmnist.train("fast")                  # a preset name, a TrainConfig, or settings as keywords
+    classifier = result.classifier                 # or fmnist.Classifier.load("runs/fast")
+    print(fmnist.summary("fast"))                  # the network, layer by layer, as Keras' model.summary()
+
+Import is light: torch-heavy parts (`train`, `Classifier`, `summary`) load on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from fmnist.data import CLASS_NAMES, load_data
 from fmnist.errors import FmnistError
 
-__all__ = ["CLASS_NAMES", "FmnistError", "load_data"]
+# name -> the module that defines it, imported when the name is first used
+_LAZY = {"train": "fmnist.training", "TrainConfig": "fmnist.config", "Classifier": "fmnist.predict",
+         "summary": "fmnist.model_summary"}
+
+__all__ = ["CLASS_NAMES", "Classifier", "FmnistError", "TrainConfig", "load_data", "summary", "train"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fmnist' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fmnist import __version__, report
 from fmnist.checkpoint import EVALUATION_FILE, META_FILE
-from fmnist.config import PRESETS, TrainConfig, setting_names
+from fmnist.config import PRESETS, TrainConfig, preset_settings, setting_names
 from fmnist.errors import ConfigError, FmnistError
 
 
@@ -107,16 +107,24 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    values = {}
-    if args.config:
+def _count(low: int, high: int | None = None) -> typing.Callable[[str], int]:
+    """An argparse type: an integer from `low` (to `high`), so a bad count is a usage error before any work."""
+
+    def parse(text: str) -> int:
         try:
-            loaded = json.loads(Path(args.config).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ConfigError(f"{args.config}: cannot read the config file ({error}); give a JSON object") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{args.config}: expected a JSON object of settings, like {{\"epochs\": 5}}")
-        values.update(loaded)
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text[:40]!r}") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+
+    return parse
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    values = _config_file(args.config) if args.config else {}
     for name in _setting_flags():
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
@@ -125,6 +133,29 @@ def _overrides(args: argparse.Namespace) -> dict:
         if "validation" in values or PRESETS.get(args.preset, {}).get("validation"):
             values["validation"] = 128
     return values
+
+
+MAX_CONFIG_BYTES = 1024 * 1024  # a config file of settings is a few hundred bytes
+
+
+def _config_file(path: str) -> dict:
+    """The settings object of a `--config` JSON file, read at bounded cost: a size cap, and deep nesting (which
+    makes Python's JSON parser recurse out of stack) is a one-line error too."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file holds a JSON "
+                              "object of a few settings, like {\"epochs\": 5}")
+        loaded = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error}); give a JSON object") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config file; give a flat JSON object of settings, "
+                          "like {\"epochs\": 5}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a JSON object of settings, like {{\"epochs\": 5}}")
+    return loaded
 
 
 def _setting_flags() -> list[str]:
@@ -205,21 +236,28 @@ class _ProgressPrinter:
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.list_presets:
         return _list_presets()
-    from fmnist import plots, train
+    from fmnist import plots, training
 
     overrides = _overrides(args)
     if args.resume:
         config, out_dir = None, Path(args.resume)
     else:
-        config = train.resolve_config(args.preset, overrides)
-        out_dir = Path(args.out) if args.out else train.default_run_dir(config.preset)
+        config = training.resolve_config(args.preset, overrides)
+        out_dir = Path(args.out) if args.out else training.default_run_dir(config.preset)
         if (out_dir / META_FILE).exists() and not args.overwrite:
             raise ConfigError(f"{out_dir} already holds a trained model; pass --overwrite or choose another --out")
     from fmnist.distributed import is_main_process
 
+    if args.summary and config is not None and is_main_process():
+        from fmnist.model_summary import summarize_module
+        from fmnist.models import create_model
+
+        architecture = config.architecture()
+        print(summarize_module(create_model(architecture["name"], **architecture["config"]),
+                               f"{architecture['name']}, preset {config.preset}"))
     printer = _ProgressPrinter(args.quiet or not is_main_process())
     try:
-        result = train.train(config, out_dir=out_dir, data_dir=args.data_dir, resume=args.resume, progress=printer,
+        result = training.train(config, out_dir=out_dir, data_dir=args.data_dir, resume=args.resume, progress=printer,
                              device=args.device)
     finally:
         printer.close()
@@ -240,23 +278,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- evaluate etc.
 def _test_set(classifier, data_dir):
-    from fmnist.train import test_split
+    from fmnist.training import test_split
 
     return test_split(classifier.meta.train_config(), data_dir)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fmnist import evaluate
     from fmnist.files import write_json
     from fmnist.predict import Classifier
 
     classifier = Classifier.load(args.run, device=args.device)
     x_test, y_test = _test_set(classifier, args.data_dir)
-    scores = evaluate.classification_report(classifier.predict_proba(x_test), y_test, classifier.classes)
-    scores_tta = evaluate.classification_report(classifier.predict_proba(x_test, tta=True), y_test, classifier.classes)
+    scores = classifier.evaluate(x_test, y_test)
     result = {"test_size": len(y_test), "calibrated": classifier.calibrated,
-              "temperature": classifier.temperature, **scores,
-              "tta": {"accuracy": scores_tta["accuracy"], "loss": scores_tta["loss"]}}
+              "temperature": classifier.temperature, **scores, "tta": None}
+    if classifier.meta.config.get("flip"):  # mirror images help only a model that trained on them (an MLP: worse)
+        scores_tta = classifier.evaluate(x_test, y_test, tta=True)
+        result["tta"] = {"accuracy": scores_tta["accuracy"], "loss": scores_tta["loss"]}
     write_json(Path(args.run) / EVALUATION_FILE, result)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -339,11 +377,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         rows.append({"index": index, "predicted": classifier.classes[predicted], "probability": float(row[predicted]),
                      "true": classifier.classes[int(y_test[index])],
                      "probabilities": {name: float(p) for name, p in zip(classifier.classes, row, strict=True)}})
+    if args.show:
+        from fmnist import plots
+
+        figure = plots.probability_grid(x_test[args.index], probabilities, y_test[args.index],
+                                        class_names=classifier.classes)
+        print(f"wrote {plots.save_figure(figure, args.show)}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for item in rows:
-        _print_lines(report.labelled_image_lines(item))
+        _print_lines(report.labelled_image_lines(item, args.top))
     return 0
 
 
@@ -370,9 +414,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     chosen = np.random.default_rng(args.seed).choice(len(y_test), size=min(18, len(y_test)), replace=False)
     written.append(plots.save_figure(plots.prediction_grid(x_test[chosen], probabilities[chosen], y_test[chosen],
                                                            class_names=classifier.classes), out / "predictions.png"))
-    index = int(chosen[0])
-    written.append(plots.save_figure(plots.image_with_probabilities(x_test[index], probabilities[index],
-                                                                    int(y_test[index]), classifier.classes),
+    shown = chosen[:15]
+    written.append(plots.save_figure(plots.probability_grid(x_test[shown], probabilities[shown], y_test[shown],
+                                                            class_names=classifier.classes),
                                      out / "probabilities.png"))
     written.append(plots.save_figure(plots.confident_mistakes(x_test, probabilities, y_test,
                                                               class_names=classifier.classes), out / "mistakes.png"))
@@ -473,7 +517,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = serve.ServeSettings(  # checks every range; --threads 0 means the default, one per core
         host=args.host, port=args.port, max_bytes=args.max_mb * serve.MiB, max_pixels=args.max_pixels,
         max_images=args.max_images, prepare_workers=args.workers, max_batch=args.max_batch,
-        torch_threads=args.threads or None)
+        torch_threads=args.threads or None, decode_pixels=args.max_decode_pixels, max_uploads=args.max_uploads,
+        body_timeout=args.body_timeout, keep_alive=args.keep_alive, max_connections=args.max_connections,
+        allowed_hosts=tuple(args.allow_host), docs=args.docs)
     _check_port_free(settings.host, settings.port)
     serve.run_server(args.run, settings, log_level=args.log_level)
     return 0
@@ -490,6 +536,20 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         print(f"no runs under {args.dir}; train one with `fmnist train`")
         return 0
     _print_lines(report.runs_table(rows))
+    for row in rows:  # listed as "damaged" in the table; here is why, one line each
+        if row["state"] == "damaged":
+            print(f"fmnist: warning: {row['name']} is damaged: {row['error']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from fmnist.model_summary import summary
+
+    if (args.run is None) == (args.preset is None):
+        raise ConfigError("give a run folder or --preset NAME (not both), e.g. `fmnist summary --preset fast`")
+    if args.preset is not None:
+        preset_settings(args.preset)  # an unknown preset: the usual one-line "did you mean"
+    print(summary(args.preset if args.preset is not None else args.run))
     return 0
 
 
@@ -503,12 +563,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     names = [row["name"] for row in rows]
     if len(set(names)) < len(names):
         names = [row["path"] for row in rows]
-    if args.json:
+    histories = {name: read_history(Path(run)) for name, run in zip(names, args.runs, strict=True)}
+    histories = {name: history for name, history in histories.items() if history}
+    if args.json:  # printed once every folder has been read: a damaged one is one line, not half a table
         print(json.dumps(rows, indent=2))
     else:
         _print_lines(report.compare_table(names, rows))
-    histories = {name: read_history(Path(run)) for name, run in zip(names, args.runs, strict=True)}
-    histories = {name: history for name, history in histories.items() if history}
     if histories:
         written = plots.save_figure(plots.compare_curves(histories), args.out)
         print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
@@ -557,6 +617,8 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     train_parser.add_argument("--dry-run", action="store_true", help="1 epoch on 512 images: a quick smoke test")
     train_parser.add_argument("--no-plots", action="store_true", help="do not draw the training curves")
     train_parser.add_argument("-q", "--quiet", action="store_true", help="print nothing while training")
+    train_parser.add_argument("--summary", action="store_true",
+                              help="print the network layer by layer (as `fmnist summary`) before training")
     _add_data_dir(train_parser)
     _add_setting_flags(train_parser)
     train_parser.set_defaults(func=_cmd_train)
@@ -575,13 +637,13 @@ def _add_prediction_commands(commands: argparse._SubParsersAction) -> None:
     """What a trained model answers and draws: predict, plot, export."""
     predict_parser = commands.add_parser(
         "predict", help="class probabilities for your photos or for test images", formatter_class=_Formatter,
-        description="Predict your own photos (any format Pillow reads; folders are walked) or test images.\n"
+        description="Predict your own photos (PNG, JPEG, GIF, BMP, WebP or TIFF; folders are walked) or test images.\n"
                     "  fmnist predict runs/demo shoe.jpg photos/ --top 3 --show shown.png\n"
                     "  fmnist predict runs/demo --index 0 5 42")
     predict_parser.add_argument("run", help="run folder")
     predict_parser.add_argument("files", nargs="*", help="image files or folders")
     predict_parser.add_argument("--index", type=int, nargs="+", default=None, help="test image indices")
-    predict_parser.add_argument("--top", type=int, default=3, help="classes to show per image")
+    predict_parser.add_argument("--top", type=_count(1), default=3, help="classes to show per image")
     _add_device(predict_parser)
     output = predict_parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="machine-readable output")
@@ -640,6 +702,13 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     runs_parser.add_argument("--json", action="store_true", help="machine-readable output")
     runs_parser.set_defaults(func=_cmd_runs)
 
+    summary_parser = commands.add_parser(
+        "summary", help="the network layer by layer: output shapes, parameters, multiply-adds (as Keras' summary)",
+        formatter_class=_Formatter)
+    summary_parser.add_argument("run", nargs="?", default=None, help="run folder")
+    summary_parser.add_argument("--preset", default=None, help="show the network a preset trains instead")
+    summary_parser.set_defaults(func=_cmd_summary)
+
     compare_parser = commands.add_parser("compare", help="metrics of several runs side by side, and their curves",
                                          formatter_class=_Formatter)
     compare_parser.add_argument("runs", nargs="+", help="run folders")
@@ -651,7 +720,7 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
         "serve", help="web page and HTTP API for a trained model", formatter_class=_Formatter,
         description="Serve a web page (upload, drop, paste or draw an image) and an HTTP API for one trained run:\n"
                     "  GET /  the page          POST /v1/predict  images or 28x28 arrays -> probabilities\n"
-                    "  GET /v1/model  GET /healthz  GET /docs (OpenAPI)\n"
+                    "  GET /v1/model  GET /healthz  GET /openapi.json (GET /docs with --docs)\n"
                     "Needs the serve extra: pip install 'fmnist[serve]'.")
     serve_parser.add_argument("run", nargs="?", default=None,
                               help="run folder (default: runs/demo, else the newest run under runs/)")
@@ -665,6 +734,20 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
                               help="torch threads for the model (default: one per core)")
     serve_parser.add_argument("--max-batch", type=int, default=256,
                               help="most images per forward pass when requests queue up (1: no batching)")
+    serve_parser.add_argument("--max-decode-pixels", type=int, default=50_000_000,
+                              help="pixels decoded at once across all requests (about 6-10 bytes of memory each)")
+    serve_parser.add_argument("--max-uploads", type=int, default=32,
+                              help="requests with a body in progress at once; more wait up to 10 s, then get 503")
+    serve_parser.add_argument("--body-timeout", type=float, default=60.0,
+                              help="seconds a client may take to send a whole request body (then 408)")
+    serve_parser.add_argument("--keep-alive", type=int, default=5, help="seconds an idle connection stays open")
+    serve_parser.add_argument("--max-connections", type=int, default=256,
+                              help="open connections at once; more are answered 503")
+    serve_parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                              help="also answer requests for this host name, and posts from its pages (repeat it; "
+                                   "'*' accepts any Host). Always accepted: localhost, IP addresses, --host")
+    serve_parser.add_argument("--docs", action="store_true",
+                              help="serve interactive API docs at /docs (Swagger UI, loaded from a public CDN)")
     serve_parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                               help="uvicorn's access/error log level (info logs every request)")
     serve_parser.set_defaults(func=_cmd_serve)

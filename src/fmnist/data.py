@@ -7,6 +7,7 @@ one-line message names the file, the problem and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -23,6 +24,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -61,10 +63,17 @@ UPSTREAM_GZ_MD5: dict[str, str] = {
 }
 KAGGLE_CSV: dict[str, str] = {"train": "fashion-mnist_train.csv", "test": "fashion-mnist_test.csv"}
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+# https first (the copy Keras downloads); upstream's S3 website serves plain http only. Every file is checked against
+# its published MD5 before it is kept, so the http fallback cannot slip in altered data.
 DEFAULT_MIRRORS: tuple[str, ...] = (
-    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 )
+# The real splits hold 60,000 and 10,000 images; a header promising more is refused before anything is inflated,
+# so a small gzip file cannot expand into gigabytes (at most 16 + 100,000 x 784 bytes, 78 MB, are ever read).
+MAX_IDX_IMAGES = 100_000
+# The largest upstream file (train images) is 26 MB gzipped; a mirror sending more is sending something else.
+MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 _FETCH_HINT = "run `fmnist data fetch` (or install Debian's dataset-fashion-mnist)"
@@ -135,20 +144,92 @@ def locate_data(data_dir: str | os.PathLike | None = None, download: bool = True
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def _read_maybe_gzip(path: Path) -> bytes:
-    """Read a file, transparently decompressing gzip (detected by its magic bytes, not its name)."""
+def _open_idx(path: Path) -> tuple[BinaryIO, bool]:
+    """Open a dataset file for streaming: the open file, and whether it is gzip (told by its magic bytes)."""
     try:
-        raw = path.read_bytes()
+        raw = path.open("rb")
     except FileNotFoundError:
         raise DatasetNotFoundError(f"{path}: file not found; {_FETCH_HINT}") from None
     except OSError as error:
         raise DatasetNotFoundError(f"{path}: cannot read ({error.strerror}); check its permissions") from None
-    if raw[:2] != b"\x1f\x8b":
-        return raw
     try:
-        return gzip.decompress(raw)
+        packed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+    except OSError as error:
+        raw.close()
+        raise DatasetNotFoundError(f"{path}: cannot read ({error.strerror}); check its permissions") from None
+    return raw, packed
+
+
+def _idx_header(stream: BinaryIO, name: str, magic: int) -> tuple[bytes, int]:
+    """Read and check an IDX header: the header bytes and the body size it promises, within the caps."""
+    fix = f"the file is not a valid IDX file; replace it ({_FETCH_HINT})"
+    head = stream.read(4)
+    if not head:
+        raise DataFormatError(f"{name}: empty file; {fix}")
+    if len(head) < 4:
+        raise DataFormatError(f"{name}: {len(head)} bytes is too short for an IDX header; {fix}")
+    found = struct.unpack(">I", head)[0]
+    if head[:3] != b"\x00\x00\x08" or head[3] not in (1, 3):
+        raise DataFormatError(f"{name}: bad magic number 0x{found:08x} (expected 0x00000801 or 0x00000803); {fix}")
+    if found != magic:
+        raise DataFormatError(f"{name}: magic number 0x{found:08x}, expected 0x{magic:08x}; "
+                              "images and labels files may be swapped")
+    raw_dims = stream.read(4 * head[3])
+    if len(raw_dims) < 4 * head[3]:
+        raise DataFormatError(f"{name}: header truncated ({4 + len(raw_dims)} of {4 + 4 * head[3]} bytes); {fix}")
+    dims = struct.unpack(f">{head[3]}I", raw_dims)
+    if magic == IMAGES_MAGIC and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataFormatError(f"{name}: images are {dims[1]}x{dims[2]}, expected 28x28; "
+                              "this is not Fashion-MNIST-shaped data")
+    if dims[0] > MAX_IDX_IMAGES:
+        what = "images" if magic == IMAGES_MAGIC else "labels"
+        raise DataFormatError(f"{name}: header promises {dims[0]:,} {what}, more than the {MAX_IDX_IMAGES:,} a "
+                              f"Fashion-MNIST file holds; the file is damaged or not Fashion-MNIST: replace it "
+                              f"({_FETCH_HINT})")
+    return head + raw_dims, math.prod(dims)
+
+
+def _read_body(stream: BinaryIO, content: memoryview) -> int:
+    """Fill `content` from `stream`; the number of bytes read (fewer at the end of the data). In 1 MiB steps: a
+    gzip reader asked for everything at once builds a second copy of it first."""
+    filled = 0
+    while filled < len(content):
+        count = stream.readinto(content[filled:filled + (1 << 20)])
+        if not count:
+            break
+        filled += count
+    return filled
+
+
+def read_idx_bytes(path: Path, magic: int) -> bytearray:
+    """An IDX file's bytes (plain or gzipped), read only as far as its checked header promises.
+
+    Why: `gzip.decompress` of the whole file let a 2 MB gzip bomb inflate to gigabytes; here the header is read
+    and bounded first, exactly the promised body is read, and one byte more (trailing data) is an error.
+    """
+    raw, packed = _open_idx(path)
+    try:
+        with raw, (gzip.GzipFile(fileobj=raw, mode="rb") if packed else contextlib.nullcontext(raw)) as stream:
+            header, size = _idx_header(stream, str(path), magic)
+            content = bytearray(len(header) + size)
+            content[:len(header)] = header
+            got = _read_body(stream, memoryview(content)[len(header):])
+            trailing = stream.read(1)
     except (OSError, EOFError, zlib.error) as error:
+        if not packed:
+            raise DatasetNotFoundError(f"{path}: cannot read ({error}); check the file") from None
         raise DataFormatError(f"{path}: corrupt gzip data ({error}); delete it and {_FETCH_HINT}") from None
+    if got < size or trailing:
+        problem = f"ends after {got} of" if got < size else "has data after"
+        raise DataFormatError(f"{path}: {problem} the {size} bytes of data its header promises; the file is "
+                              f"{'truncated' if got < size else 'padded'}; replace it ({_FETCH_HINT})")
+    return content  # no copy: callers hash or parse it
+
+
+def _magic_for(name: str) -> int:
+    """The IDX magic a dataset file name implies (images or labels)."""
+    return IMAGES_MAGIC if "-images-" in name else LABELS_MAGIC
 
 
 def parse_idx(data: bytes, name: str = "<bytes>", magic: int | None = None) -> np.ndarray:
@@ -191,7 +272,7 @@ def read_idx_pair(images_path: Path, labels_path: Path, verify: bool = True) -> 
     """Read and cross-check one split's images and labels files."""
     arrays = []
     for path, magic in ((images_path, IMAGES_MAGIC), (labels_path, LABELS_MAGIC)):
-        content = _read_maybe_gzip(path)
+        content = read_idx_bytes(path, magic)
         name = path.name.removesuffix(".gz")
         if verify:
             _verify(path, content, name)
@@ -265,21 +346,33 @@ def load_data(data_dir: str | os.PathLike | None = None, verify: bool = True) ->
 
 # ----------------------------------------------------------------------------------------------- download
 def _md5_of_content(path: Path) -> str:
-    return hashlib.md5(_read_maybe_gzip(path)).hexdigest()
+    """MD5 of the decompressed content, read through the bounded IDX reader (a downloaded bomb is refused)."""
+    return hashlib.md5(read_idx_bytes(path, _magic_for(path.name))).hexdigest()
 
 
-def _download_once(url: str, target: Path, name: str, timeout: float, progress: ProgressCallback | None) -> None:
-    """Stream `url` to a temporary file beside `target`; verify; rename into place, or leave nothing."""
+def _too_large(url: str, size: str, max_bytes: int) -> DownloadError:
+    return DownloadError(f"{url}: {size} is more than the {max_bytes / 2**20:g} MiB a dataset file can be; "
+                         "the mirror serves something else: use another mirror")
+
+
+def _download_once(url: str, target: Path, name: str, timeout: float, progress: ProgressCallback | None,
+                   max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+    """Stream `url` to a temporary file beside `target`, stopping past `max_bytes`; verify; rename into place, or
+    leave nothing."""
     handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
     part = Path(handle.name)
     try:
         with handle, urllib.request.urlopen(url, timeout=timeout) as response:
             total = response.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
+            if total is not None and total > max_bytes:
+                raise _too_large(url, f"its announced size of {total:,} bytes", max_bytes)
             received = 0
-            while chunk := response.read(1 << 20):
-                handle.write(chunk)
+            while chunk := response.read(min(1 << 20, max_bytes + 1 - received)):
                 received += len(chunk)
+                if received > max_bytes:
+                    raise _too_large(url, f"the download (stopped at {received:,} bytes)", max_bytes)
+                handle.write(chunk)
                 if progress:
                     progress(name, received, total)
         if total is not None and received != total:
@@ -299,11 +392,12 @@ def fetch(
     retries: int = 3,
     timeout: float = 30.0,
     progress: ProgressCallback | None = None,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> Path:
     """Download the four upstream files into `dest` (default: the cache), verified; skip ones already good.
 
     Mirrors come from the argument, else `$FMNIST_MIRROR` (comma-separated base URLs), else upstream.
-    An interrupted or corrupt download leaves either the verified file or nothing.
+    An interrupted, oversized (over `max_bytes`) or corrupt download leaves either the verified file or nothing.
     """
     directory = Path(dest) if dest else cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -328,7 +422,7 @@ def fetch(
                 url = mirror.rstrip("/") + f"/{name}.gz"
                 try:
                     log.info("downloading %s", url)
-                    _download_once(url, target, name, timeout, progress)
+                    _download_once(url, target, name, timeout, progress, max_bytes)
                     break
                 except (OSError, http.client.HTTPException, DownloadError, ChecksumError, DataFormatError) as error:
                     errors.append(f"{url}: {error}")

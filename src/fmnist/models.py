@@ -7,14 +7,21 @@ projects' numbers are comparable. Models return logits; softmax lives in the los
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from fmnist.errors import ConfigError
 
 NUM_CLASSES = 10
+# A model file is read before anything is built, and the network's size follows from it alone, so a damaged or
+# hostile model.json ("hidden": [100000000]) is refused before it allocates: 50 M parameters are 200 MB of float32,
+# 200x the largest preset (convnet-wide, about 0.25 M) and still a fraction of a laptop's memory.
+MAX_PARAMETERS = 50_000_000
+MAX_LAYERS = 32  # dense layers, or conv blocks per stage: each is a module to build, whatever its width
+MAX_STAGES = 4  # each ConvNet stage halves the image: 28 -> 14 -> 7 -> 3 -> 1; a fifth would leave no pixels
 
 
 def _keras_init(module: nn.Module) -> None:
@@ -101,17 +108,85 @@ class ConvNet(nn.Module):
         return self.head(self.features(x))
 
 
+# ----------------------------------------------------------------------------------------------- configs
+_Width = Annotated[int, Field(ge=1, le=MAX_PARAMETERS)]
+_Dropout = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+
+
+class _ModelConfig(BaseModel):
+    """Keyword config of one architecture, typed and bounded: what `create_model` accepts, checked before building."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    dropout: _Dropout = 0.0
+
+    def parameters(self) -> int:
+        """Trainable parameters of the network this config builds, computed without building it."""
+        raise NotImplementedError
+
+
+class MLPConfig(_ModelConfig):
+    hidden: Annotated[list[_Width], Field(max_length=MAX_LAYERS)] = [128]
+
+    def parameters(self) -> int:
+        widths = [28 * 28, *self.hidden, NUM_CLASSES]
+        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))  # weight and bias of each Linear
+
+
+class KerasCNNConfig(_ModelConfig):
+    def parameters(self) -> int:
+        return (9 * 32 + 32) + (9 * 32 * 64 + 64) + (64 * 5 * 5 * 128 + 128) + (128 * NUM_CLASSES + NUM_CLASSES)
+
+
+class ConvNetConfig(_ModelConfig):
+    widths: Annotated[list[_Width], Field(min_length=1, max_length=MAX_STAGES)] = [32, 64, 128]
+    depth: Annotated[int, Field(ge=1, le=MAX_LAYERS)] = 1
+
+    def parameters(self) -> int:
+        total, channels = 0, 1
+        for width in self.widths:
+            for block in range(self.depth):  # conv without bias, then batch norm's weight and bias
+                total += 9 * (channels if block == 0 else width) * width + 2 * width
+            channels = width
+        return total + channels * NUM_CLASSES + NUM_CLASSES
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "keras-cnn": KerasCNN, "convnet": ConvNet}
+CONFIGS: dict[str, type[_ModelConfig]] = {"mlp": MLPConfig, "keras-cnn": KerasCNNConfig, "convnet": ConvNetConfig}
+
+
+def check_config(name: str, config: dict[str, Any]) -> _ModelConfig:
+    """The typed config of architecture `name`, refusing unknown names, wrong types, out-of-range values and a
+    network over `MAX_PARAMETERS` with one line, before anything is allocated."""
+    if name not in CONFIGS:
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(CONFIGS)}")
+    if not isinstance(config, dict):
+        raise ConfigError(f"the config of architecture {name!r} must be an object of settings")
+    config = {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+    try:
+        checked = CONFIGS[name](**config)
+    except ValidationError as error:
+        problem = error.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "config"
+        shown = repr(problem.get("input"))
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ConfigError(f"bad config for architecture {name!r}: {where} = {shown}: {problem['msg']}") from None
+    count = checked.parameters()
+    if count > MAX_PARAMETERS:
+        raise ConfigError(f"architecture {name!r} with {config} would have {count:,} parameters, over the limit of "
+                          f"{MAX_PARAMETERS:,}; use smaller layers")
+    return checked
+
+
+def parameter_count(name: str, **config: Any) -> int:
+    """Trainable parameters of `create_model(name, **config)`, without building it."""
+    return check_config(name, config).parameters()
 
 
 def create_model(name: str, **config: Any) -> nn.Module:
-    """Build an architecture by name from keyword config; unknown names or keys raise `ConfigError`."""
-    if name not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
-    try:
-        return ARCHITECTURES[name](**config)
-    except TypeError as error:
-        raise ConfigError(f"bad config for architecture {name!r}: {error}") from None
+    """Build an architecture by name from keyword config; a bad name, key, value or size raises `ConfigError`."""
+    checked = check_config(name, config)
+    return ARCHITECTURES[name](**checked.model_dump())
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -170,6 +170,42 @@ def image_with_probabilities(image: np.ndarray, probabilities: np.ndarray, label
     return figure
 
 
+def probability_grid(images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray | None = None,
+                     columns: int = 3, class_names: Sequence[str] = CLASS_NAMES) -> Figure:
+    """The TensorFlow tutorial's figure: each image beside a bar chart of its 10 probabilities. The caption says
+    the predicted class, its probability and the true class (green when right, red when wrong); the true class's
+    bar is green and a wrong prediction's bar red."""
+    count = len(images)
+    rows = max(1, int(np.ceil(count / columns)))
+    figure, axes = plt.subplots(rows, 2 * columns, figsize=(columns * 4.4, rows * 2.1), squeeze=False,
+                                gridspec_kw={"width_ratios": [1, 1.3] * columns})
+    for index in range(rows * columns):
+        image_axis, bar_axis = axes.flat[2 * index], axes.flat[2 * index + 1]
+        if index >= count:
+            image_axis.axis("off")
+            bar_axis.axis("off")
+            continue
+        row = np.asarray(probabilities[index])
+        predicted = int(row.argmax())
+        truth = None if labels is None else int(labels[index])
+        colors = ["#999999"] * len(class_names)
+        colors[predicted] = RIGHT if truth in (None, predicted) else WRONG
+        if truth is not None:
+            colors[truth] = RIGHT
+        _show_image(image_axis, images[index])
+        caption = f"{class_names[predicted]} {row[predicted]:.0%}" + ("" if truth is None else
+                                                                     f"\n({class_names[truth]})")
+        image_axis.set_xlabel(caption, color=colors[predicted], fontsize=8)
+        bar_axis.bar(range(len(class_names)), row, color=colors)
+        bar_axis.set_ylim(0, 1)
+        bar_axis.set_xticks(range(len(class_names)), [str(i) for i in range(len(class_names))], fontsize=7)
+        bar_axis.tick_params(axis="y", labelsize=7)
+    legend = ", ".join(f"{i} {name}" for i, name in enumerate(class_names))
+    figure.suptitle(f"Predicted class, probability (true class); bars: {legend}", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
 def confident_mistakes(images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray, count: int = 12,
                        class_names: Sequence[str] = CLASS_NAMES) -> Figure:
     """The `count` wrong predictions the model was most sure of."""

@@ -19,7 +19,7 @@ from torch import nn
 from fmnist.checkpoint import RunMeta, load_model
 from fmnist.data import preprocess
 from fmnist.devices import resolve_device
-from fmnist.errors import ImageError
+from fmnist.errors import ImageError, ModelFileError
 from fmnist.evaluate import class_probabilities
 
 UNSURE_BELOW = 0.5  # a calibrated top probability under this is reported as "unsure"
@@ -91,6 +91,35 @@ class Predictor:
             })
         return answers
 
+    def check(self, label: str = "the model") -> None:
+        """Refuse a model that cannot answer, before it is asked: a blank image must give one finite probability per
+        class, summing to 1. Weights and temperature are checked when read; this catches what only running shows
+        (a negative batch-norm variance, logits that overflow), so a service never starts only to answer 500."""
+        blank = np.zeros((1, 28, 28), np.uint8)
+        try:
+            probabilities = np.asarray(self.predict_proba(blank), dtype=np.float64)
+        except (RuntimeError, ValueError) as error:
+            detail = " ".join(str(error).split())[:160] or type(error).__name__
+            raise ModelFileError(f"{label}: the model fails on a blank image ({detail}); the run folder is damaged, "
+                                 "retrain or restore it") from None
+        if probabilities.shape != (1, len(self.classes)) or not np.isfinite(probabilities).all() \
+                or probabilities.min() < 0 or abs(probabilities.sum() - 1) > 1e-3:
+            shown = np.array2string(probabilities.ravel()[:10], precision=3, threshold=10)
+            raise ModelFileError(f"{label}: the model answers a blank image with {shown}, not {len(self.classes)} "
+                                 "probabilities; the weights or calibration are broken, retrain or restore it")
+
+    def evaluate(self, images: np.ndarray, labels: np.ndarray, tta: bool = False) -> dict[str, Any]:
+        """Keras' `model.evaluate(x, y)`, and more: loss and accuracy of the calibrated probabilities, the
+        per-class precision/recall/F1, the confusion matrix and the most confused pairs
+        (`fmnist.evaluate.classification_report`)."""
+        from fmnist.evaluate import classification_report
+
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),):
+            raise ValueError(f"labels must be one class index per image: {len(images)} images, labels of shape "
+                             f"{labels.shape}")
+        return classification_report(self.predict_proba(images, tta=tta), labels, self.classes)
+
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """The most probable class index per image."""
         return self.predict_proba(images, batch_size).argmax(axis=1)
@@ -119,10 +148,12 @@ class Classifier(Predictor):
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
-        """Load a run folder written by `fmnist train` (safetensors + JSON, nothing executable)."""
+        """Load a run folder written by `fmnist train` (safetensors + JSON, nothing executable), checked by one
+        prediction on a blank image (`check`)."""
         model, meta = load_model(run_dir)
         classifier = cls(model, meta, device)
         classifier.run_dir = Path(run_dir)
+        classifier.check(str(run_dir))
         return classifier
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:

@@ -112,12 +112,12 @@ def train_summary_lines(metrics: Mapping[str, Any], out_dir: str | Path) -> list
 # ----------------------------------------------------------------------------------------------- evaluate, predict
 def evaluation_lines(model: str, result: Mapping[str, Any]) -> list[str]:
     """The evaluation report (`result` as written to evaluation.json): totals, per-class scores, main confusions."""
-    tta = result["tta"]
+    tta = result.get("tta")
+    flipped = f"  (flip TTA: loss {tta['loss']:.4f}, accuracy {tta['accuracy']:.4f})" if tta else ""
     lines = [f"{model} on {result['test_size']:,} test images",
              f"probabilities calibrated on the validation split (temperature {result['temperature']:.2f})"
              if result["calibrated"] else "probabilities not calibrated (the run had no validation split)",
-             f"test loss {result['loss']:.4f}  test accuracy {result['accuracy']:.4f}  "
-             f"(flip TTA: loss {tta['loss']:.4f}, accuracy {tta['accuracy']:.4f})",
+             f"test loss {result['loss']:.4f}  test accuracy {result['accuracy']:.4f}{flipped}",
              "", f"{'class':<14}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
     for row in result["per_class"]:
         lines.append(f"{row['class']:<14}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}"
@@ -145,27 +145,43 @@ def answer_lines(title: str, answer: Mapping[str, Any]) -> list[str]:
     return lines + [probability_bar(item["class"], item["probability"]) for item in answer["top"]]
 
 
-def labelled_image_lines(item: Mapping[str, Any]) -> list[str]:
-    """A test image's prediction against its true label, then every class's probability, most probable first."""
+def labelled_image_lines(item: Mapping[str, Any], top: int | None = None) -> list[str]:
+    """A test image's prediction against its true label, then the `top` classes' probabilities (every class when
+    None), most probable first."""
     mark = "right" if item["predicted"] == item["true"] else "WRONG"
     lines = [f"test image {item['index']}: {item['predicted']} ({item['probability']:.1%}), "
              f"true {item['true']} [{mark}]"]
-    ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])
+    ranked = sorted(item["probabilities"].items(), key=lambda kv: -kv[1])[:top]
     return lines + [probability_bar(name, p) for name, p in ranked]
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _safe_cell(value: Any) -> Any:
+    """A cell a spreadsheet will not run as a formula (CSV injection through a file name): text starting with
+    = + - @ (or a tab or carriage return) gets a leading quote; numbers, negative ones included, stay numbers."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
 
 
 def predictions_csv(rows: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> str:
     """One CSV row per file (an unreadable file keeps its row, with the error), for spreadsheets and scripts."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["file", "predicted", "probability", "unsure", "unusual", "error", *classes])
+    table: list[list[Any]] = [["file", "predicted", "probability", "unsure", "unusual", "error", *classes]]
     for row in rows:
         if "error" in row:
-            writer.writerow([row["file"], "", "", "", "", row["error"], *[""] * len(classes)])
+            table.append([row["file"], "", "", "", "", row["error"], *[""] * len(classes)])
         else:
             best = row["top"][0]
-            writer.writerow([row["file"], best["class"], f"{best['probability']:.6f}", row["unsure"], row["unusual"],
-                             "", *(f"{row['probabilities'][c]:.6f}" for c in classes)])
+            table.append([row["file"], best["class"], f"{best['probability']:.6f}", row["unsure"], row["unusual"],
+                          "", *(f"{row['probabilities'][c]:.6f}" for c in classes)])
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([_safe_cell(cell) for cell in line] for line in table)
     return buffer.getvalue()
 
 

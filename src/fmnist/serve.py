@@ -6,26 +6,39 @@ torch's intra-op threads never compete with each other. Uploads are decoded and 
 pool with the same `fmnist.images.prepare` as `fmnist predict`, so the CLI and the service answer alike. Every user
 mistake is a 4xx JSON `{"error": "..."}` naming the problem and the fix; a 500 means a bug. JSON bodies are parsed
 and validated by a declared pydantic model (which is also their OpenAPI schema) in that same pool, off the event loop.
+
+Every request has a bounded cost, whoever sends it (all limits live in `ServeSettings`, each with its flag):
+bytes per body (a tighter one for JSON, whose parsing costs ~30 bytes of memory per byte), files per request,
+pixels per image (from the header, before decoding), pixels decoded at once across all requests, bodies in progress
+at once, seconds to receive a body, idle keep-alive seconds and open connections. Each image's full-size decode is
+dropped as soon as its 28x28 exists. Other web sites get nothing: the Host must be local, an IP address or allowed
+(`--allow-host`, against DNS rebinding), and a POST from a page of another origin is refused (against CSRF).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import ipaddress
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from fmnist import images
 from fmnist.checkpoint import META_FILE
@@ -41,12 +54,24 @@ MiB = 1024 * 1024
 # The `fmnist serve` flag behind each setting: a bad value is reported as the flag the user typed.
 _FLAGS = {"host": "--host", "port": "--port", "max_bytes": "--max-mb", "max_pixels": "--max-pixels",
           "max_images": "--max-images", "prepare_workers": "--workers", "max_batch": "--max-batch",
-          "torch_threads": "--threads"}
+          "torch_threads": "--threads", "decode_pixels": "--max-decode-pixels", "max_uploads": "--max-uploads",
+          "body_timeout": "--body-timeout", "keep_alive": "--keep-alive", "max_connections": "--max-connections",
+          "allowed_hosts": "--allow-host", "docs": "--docs"}
+_KINDS = {"host": "a string", "body_timeout": "a number of seconds", "allowed_hosts": "host names",
+          "docs": "true or false"}
+PIXELS_PER_IMAGE = 28 * 28
+JSON_BYTES_PER_PIXEL = 32  # "0.12345678901234567, " is 21; room for indentation. Parsing costs ~30x the bytes.
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class ServeSettings(BaseModel):
     """Address, limits and pool sizes. The ranges live here, once, so `fmnist serve` and callers of `create_app`
-    get the same one-line `ConfigError`; the defaults suit a laptop and the CLI exposes each one."""
+    get the same one-line `ConfigError`; the defaults suit a laptop and the CLI exposes each one.
+
+    Memory, worst case, with the defaults: decoding takes about 6-10 bytes per pixel (gray to RGBA), so 50 M pixels
+    decoded at once cost about 0.5 GB; 32 bodies in progress hold at most 32 x 10 MB; a JSON body is parsed in the
+    pool, at most 2 at once, about 30 bytes per byte of a 1.6 MB body. With the model (~0.3 GB) that stays under
+    1.5 GB whatever the clients send."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -58,6 +83,13 @@ class ServeSettings(BaseModel):
     prepare_workers: int = Field(2, ge=1, le=256)  # threads parsing JSON bodies, decoding and preparing uploads
     max_batch: int = Field(256, ge=1, le=65536)  # images per forward pass when requests pile up
     torch_threads: int | None = Field(None, ge=1, le=1024)  # None: one per core (one forward pass at a time)
+    decode_pixels: int = Field(50_000_000, ge=1, le=10**11)  # decoded at once across all requests: 2 largest images
+    max_uploads: int = Field(32, ge=1, le=4096)  # requests with a body in progress at once; more wait, then 503
+    body_timeout: float = Field(60.0, ge=0.1, le=3600)  # seconds to receive a whole body: 10 MB at 1.4 Mbit/s
+    keep_alive: int = Field(5, ge=1, le=600)  # seconds an idle keep-alive connection stays open (uvicorn's default)
+    max_connections: int = Field(256, ge=1, le=65536)  # open connections; more are answered 503 by uvicorn
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides localhost, IP addresses and --host; "*": any
+    docs: bool = False  # /docs loads Swagger UI from a public CDN, so it is off unless asked for
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -71,10 +103,36 @@ class ServeSettings(BaseModel):
         """The CLI passes `--max-mb` times MiB, a float; a fraction of a byte means nothing."""
         return round(value) if isinstance(value, float) and math.isfinite(value) else value
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Names as a Host header carries them, without a port: lower case, no trailing dot."""
+        cleaned = tuple(name.strip().lower().rstrip(".") for name in names)
+        for name in cleaned:
+            if not name or len(name) > 253 or any(c in name for c in "/:@ \t") and not _is_ip(name):
+                raise ValueError(f"--allow-host {name!r} is not a host name; give a name like myhost.lan, without "
+                                 "scheme or port (\"*\" allows any)")
+        return cleaned
+
+    @model_validator(mode="after")
+    def _room_for_one_image(self) -> ServeSettings:
+        if self.decode_pixels < self.max_pixels:
+            raise ValueError(f"--max-decode-pixels {self.decode_pixels} is below --max-pixels {self.max_pixels}; "
+                             "the largest allowed image must fit in the decoding budget")
+        return self
+
+    @property
+    def json_bytes(self) -> int:
+        """The largest JSON body: what `max_images` images of pixel values take, far below `max_bytes`, because
+        parsing JSON costs about 30 bytes of memory per byte (a 10 MB body took 0.37 GB)."""
+        return min(self.max_bytes, self.max_images * PIXELS_PER_IMAGE * JSON_BYTES_PER_PIXEL + 64 * 1024)
+
 
 def _settings_problem(error: ValidationError) -> str:
     """The first problem in the CLI's words, e.g. `--port 70000 is out of range; use 0..65535`."""
     problem = error.errors()[0]
+    if problem["type"] == "value_error":  # our own checks say it in the CLI's words already
+        return str(problem["ctx"]["error"])
     name = str(problem["loc"][0]) if problem["loc"] else ""
     value = problem.get("input")
     if name not in _FLAGS:
@@ -85,7 +143,7 @@ def _settings_problem(error: ValidationError) -> str:
     if bounds and (problem["type"] in ("greater_than_equal", "less_than_equal") or unbounded):
         low, high = (_in_flag_units(name, bounds[key]) for key in ("ge", "le"))
         return f"{_FLAGS[name]} {_in_flag_units(name, value)} is out of range; use {low}..{high}"
-    return f"{_FLAGS[name]} must be {'a string' if name == 'host' else 'a whole number'}, got {value!r}"
+    return f"{_FLAGS[name]} must be {_KINDS.get(name, 'a whole number')}, got {value!r}"
 
 
 def _in_flag_units(name: str, value: float) -> str:
@@ -93,6 +151,14 @@ def _in_flag_units(name: str, value: float) -> str:
     if name != "max_bytes" or abs(value) >= 1e300:  # an int that large has no float to divide
         return str(value)
     return f"{round(value / MiB, 6):g}"
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class ApiError(Exception):
@@ -104,47 +170,204 @@ class ApiError(Exception):
         self.message = message
 
 
-# ----------------------------------------------------------------------------------------------- body limit
-class BodyLimit:
-    """ASGI middleware: refuse bodies over `max_bytes` from Content-Length, and stop reading once a streamed
-    (chunked) body passes it, so a huge upload is never held in memory or spooled to disk."""
+# ----------------------------------------------------------------------------------------------- budgets
+class Budget:
+    """Units (pixels being decoded, bodies in progress) handed out first come, first served across all requests.
 
-    def __init__(self, app, max_bytes: int):
+    Not an asyncio.Semaphore: a request may need many units at once, and FIFO order keeps a large image from being
+    overtaken forever by small ones. Waiting holds no memory: the body stays in the socket until admitted.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.free = total
+        self._waiting: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    async def acquire(self, units: int) -> None:
+        """Wait until `units` are free and no earlier request is still waiting, then take them."""
+        if units > self.total:  # it would wait forever; the settings make this impossible (decode >= max pixels)
+            raise ValueError(f"{units} units asked of a budget of {self.total}")
+        if not self._waiting and self.free >= units:
+            self.free -= units
+            return
+        entry = (units, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            if entry in self._waiting:
+                self._waiting.remove(entry)
+            elif entry[1].done() and not entry[1].cancelled():  # granted just as the request gave up
+                self.free += units
+            self._wake()
+            raise
+
+    def release(self, units: int) -> None:
+        self.free += units
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and self._waiting[0][0] <= self.free:
+            units, future = self._waiting.popleft()
+            if not future.done():
+                self.free -= units
+                future.set_result(None)
+
+
+# ----------------------------------------------------------------------------------------------- guards
+_PAGE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+_DOCS_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+                "style-src 'self' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+                "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_SLOT_WAIT = 10.0  # seconds a body waits for one of --max-uploads slots before a 503
+
+
+class SecurityHeaders:
+    """ASGI middleware: every response says what it is (nosniff), may not be framed, leaks no referrer, and the
+    page may run only its own script and style (the docs page also Swagger UI's, when --docs turns it on)."""
+
+    def __init__(self, app, docs: bool):
         self.app = app
-        self.max_bytes = max_bytes
-
-    def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is over the limit of {self.max_bytes / MiB:g} MB; send smaller "
-                             "or fewer images (the server's --max-mb sets the limit)")
+        self.docs = docs
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            try:
-                too_large = int(declared) > self.max_bytes
-            except ValueError:
-                response = _error_response(ApiError(400, "the Content-Length header is not a number"))
-                return await response(scope, receive, send)
-            if too_large:
-                return await _error_response(self._too_large())(scope, receive, send)
-        received = 0
+        policy = _DOCS_POLICY if self.docs and scope["path"] == "/docs" else _PAGE_POLICY
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["Content-Security-Policy"] = policy
+                headers["X-Frame-Options"] = "DENY"
+                headers["Referrer-Policy"] = "no-referrer"
+                headers["Cross-Origin-Resource-Policy"] = "same-origin"
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header or URL authority: no port, no brackets, lower case, no trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else ""
+    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).rstrip(".")
+
+
+class HostGuard:
+    """ASGI middleware against other web sites. DNS rebinding: a page of evil.example re-points its name at
+    127.0.0.1 and reads this server as its own, so the Host must be localhost, an IP address (rebinding needs a
+    name), the bound --host or an --allow-host name. CSRF: any page may POST a form here, so a POST whose Origin is
+    another site's is refused (same origin, or an allowed name's page, is fine; no Origin is a script, not a page).
+    """
+
+    def __init__(self, app, settings: ServeSettings):
+        self.app = app
+        self.any_host = "*" in settings.allowed_hosts
+        self.names = LOCAL_NAMES | {_host_name(settings.host)} | set(settings.allowed_hosts)
+
+    def _named(self, name: str) -> bool:
+        return name in self.names or name.endswith(".localhost")  # browsers resolve *.localhost themselves
+
+    def _problem(self, scope) -> ApiError | None:
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        name = _host_name(host)
+        if host and not (self.any_host or self._named(name) or _is_ip(name)):
+            return ApiError(400, f"the Host {host!r} is not served here (a page of another site may be trying to "
+                                 f"reach it); start the server with --allow-host {name or 'NAME'} to accept it")
+        origin = headers.get("origin")
+        if origin is None or scope["method"] in _SAFE_METHODS:
+            return None
+        parts = urlsplit(origin)
+        if parts.scheme in ("http", "https") and (parts.netloc.lower() == host.lower()
+                                                  or self._named(_host_name(parts.netloc))):
+            return None
+        return ApiError(403, f"a request from the page {origin!r} is refused: only this server's own page may post "
+                             "here; start the server with --allow-host NAME to accept that site's pages")
+
+    async def __call__(self, scope, receive, send):
+        problem = self._problem(scope) if scope["type"] == "http" else None
+        if problem is not None:
+            return await _error_response(problem)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class BodyGuard:
+    """ASGI middleware bounding what a body costs before the app sees it: its size (from Content-Length, and again
+    while a streamed body arrives, so a huge upload is never held or spooled), how many are in progress at once
+    (--max-uploads; more wait up to 10 s, then 503) and how long one may take to arrive (--body-timeout, so a slow
+    client cannot hold a slot and its buffers forever)."""
+
+    def __init__(self, app, settings: ServeSettings):
+        self.app = app
+        self.settings = settings
+        self.slots = Budget(settings.max_uploads)
+
+    def _limit(self, headers: Headers) -> tuple[int, str]:
+        if headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+            return self.settings.json_bytes, (f"JSON bodies carry at most {self.settings.max_images} images of 28x28 "
+                                              "numbers; send fewer images per request or upload image files")
+        return self.settings.max_bytes, ("send smaller or fewer images (the server's --max-mb sets the limit)")
+
+    async def __call__(self, scope, receive, send):
+        headers = Headers(scope=scope) if scope["type"] == "http" else None
+        if headers is None or (headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers):
+            return await self.app(scope, receive, send)
+        limit, hint = self._limit(headers)
+        too_large = ApiError(413, f"the request body is over the limit of {limit / MiB:.3g} MB; {hint}")
+        try:
+            declared = int(headers.get("content-length", "0"))
+        except ValueError:
+            return await _error_response(ApiError(400, "the Content-Length header is not a number"))(scope, receive,
+                                                                                                       send)
+        if declared > limit:
+            return await _error_response(too_large)(scope, receive, send)
+        try:
+            await asyncio.wait_for(self.slots.acquire(1), _SLOT_WAIT)
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+            busy = ApiError(503, f"the server is busy with {self.settings.max_uploads} other uploads; retry in a "
+                                 "moment (the server's --max-uploads sets how many)")
+            return await _error_response(busy)(scope, receive, send)
+        try:
+            await self.app(scope, self._guarded(receive, limit, too_large), send)
+        finally:
+            self.slots.release(1)
+
+    def _guarded(self, receive, limit: int, too_large: ApiError):
+        """`receive`, refusing a body that grows past `limit` or is still arriving after --body-timeout."""
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.body_timeout
+        deadline = loop.time() + timeout
+        received, complete = 0, False
+
+        async def guarded_receive():
+            nonlocal received, complete
+            if complete:  # after the body, only a disconnect can come: no deadline on waiting for it
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+                raise ApiError(408, f"the request body did not arrive within {timeout:g} s; send it faster or "
+                                    "smaller (the server's --body-timeout sets the limit)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
+                if received > limit:
+                    raise too_large
+                complete = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        return guarded_receive
 
 
 def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse({"error": error.message}, status_code=error.status)
+    """The one shape of every refusal; after a refused body the connection is closed, not read to its end."""
+    closing = {"Connection": "close"} if error.status in (408, 413, 503) else None
+    return JSONResponse({"error": error.message}, status_code=error.status, headers=closing)
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -309,15 +532,89 @@ def _json_images(raw: bytes, max_images: int) -> tuple[np.ndarray, list[str]]:
     return pixels, [f"image {i}" for i in range(len(pixels))]
 
 
-def _prepare_upload(payload: bytes, name: str, max_pixels: int) -> images.Prepared:
+def _header_pixels(file: BinaryIO) -> int:
+    """Width x height from the image's header, no pixels decoded; 0 when Pillow cannot tell (`prepare` says why)."""
     try:
-        return images.prepare(payload, name=name, max_pixels=max_pixels)
+        with Image.open(file) as image:
+            return image.width * image.height
+    except Exception:  # any unreadable header: the decode that follows reports it in the user's words
+        return 0
+    finally:
+        file.seek(0)
+
+
+def _prepare_upload(file: BinaryIO, name: str, max_pixels: int) -> tuple[np.ndarray, bool]:
+    """The 28x28 of one upload and whether it was inverted. The decoded photo and every intermediate image die with
+    this call: a request of 16 large images holds 16 small results, not 16 full-size decodes."""
+    try:
+        prepared = images.prepare(file, name=name, max_pixels=max_pixels)
     except FmnistError as error:
         raise ApiError(422, str(error)) from None
+    return np.array(prepared.image, dtype=np.uint8, copy=True), prepared.inverted
 
 
-async def _uploaded_images(request: Request, settings: ServeSettings,
-                           pool: ThreadPoolExecutor) -> tuple[np.ndarray, list[str], list[bool]]:
+SMALL_PIXELS = 2_000_000  # drawings, screenshots, small photos: their own lane, never queued behind huge decodes
+
+
+class Preparer:
+    """Two thread pools and the decoding budget shared by every request, so that what decoding costs is bounded and
+    a flood of huge images cannot starve anyone else:
+
+    - the quick lane (`--workers` threads) reads headers, parses JSON bodies and decodes images up to 2 MP: at most
+      workers x 2 MP decoded at once, about 40 MB;
+    - the large lane (`--workers` threads) decodes the rest, each waiting, first come first served, until the pixels
+      its header declares fit in `--max-decode-pixels`; one large image per request at a time, so requests take
+      turns instead of one request's 64 images queueing ahead of everybody's.
+    """
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.quick = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="fmnist-quick")
+        self.large = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="fmnist-prepare")
+        self.pixels = Budget(settings.decode_pixels)
+
+    def shutdown(self) -> None:
+        for pool in (self.quick, self.large):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    async def run(pool: ThreadPoolExecutor, function, *args):
+        """`function(*args)` in `pool`. If the request is cancelled meanwhile, wait for the thread anyway: it may
+        be reading an uploaded file that the request is about to close."""
+        future = pool.submit(function, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            await asyncio.wait([asyncio.wrap_future(future)])
+            raise
+
+    async def upload(self, file: BinaryIO, name: str, turn: asyncio.Lock) -> tuple[np.ndarray, str, bool]:
+        """One uploaded file as (28x28, name, inverted). `turn` is the request's own: one large image at a time."""
+        limit = self.settings.max_pixels
+        pixels = await self.run(self.quick, _header_pixels, file)
+        if not SMALL_PIXELS < pixels <= limit:  # small, or refused from its header (too large, unreadable): cheap
+            image, inverted = await self.run(self.quick, _prepare_upload, file, name, limit)
+            return image, name, inverted
+        async with turn:
+            await self.pixels.acquire(pixels)
+            try:
+                image, inverted = await self.run(self.large, _prepare_upload, file, name, limit)
+            finally:
+                self.pixels.release(pixels)
+        return image, name, inverted
+
+
+async def _disconnected(receive) -> None:
+    """Returns when the client has gone away (to be awaited only once the body has been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _uploaded_images(request: Request, preparer: Preparer) -> tuple[np.ndarray, list[str], list[bool]]:
+    """Every file of a multipart body as a 28x28; the first bad file is the answer, and a client that disconnects
+    stops the work on its remaining images (abandoned requests must not keep the decoders busy)."""
+    settings = preparer.settings
     try:
         form = await request.form(max_files=settings.max_images + 1, max_fields=settings.max_images + 16)
     except StarletteHTTPException as error:  # Starlette's multipart limits and malformed bodies
@@ -331,24 +628,39 @@ async def _uploaded_images(request: Request, settings: ServeSettings,
         if len(uploads) > settings.max_images:
             raise ApiError(413, f"{len(uploads)} files in one request, over the limit of {settings.max_images}; "
                                 "send them in batches")
-        payloads = [(await upload.read(), upload.filename or f"file {i}") for i, upload in enumerate(uploads)]
+        turn = asyncio.Lock()
+        tasks = [asyncio.ensure_future(preparer.upload(upload.file, upload.filename or f"file {i}", turn))
+                 for i, upload in enumerate(uploads)]
+        results = await _unless_disconnected(tasks, request.receive)
     finally:
         await form.close()
-    loop = asyncio.get_running_loop()
-    prepared = await asyncio.gather(*(loop.run_in_executor(pool, _prepare_upload, payload, name, settings.max_pixels)
-                                      for payload, name in payloads))
-    return (np.stack([p.image for p in prepared]), [p.name for p in prepared], [p.inverted for p in prepared])
+    return np.stack([image for image, _, _ in results]), [name for _, name, _ in results], [i for _, _, i in results]
 
 
-async def _request_images(request: Request, settings: ServeSettings,
-                          pool: ThreadPoolExecutor) -> tuple[np.ndarray, list[str], list[bool] | None]:
+async def _unless_disconnected(tasks: list[asyncio.Future], receive) -> list[Any]:
+    """The tasks' results. The first failure is the answer and a client that leaves is answered by nobody: either
+    way the other tasks are cancelled and awaited (their threads finish the image in hand, then stop)."""
+    work = asyncio.gather(*tasks)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise ApiError(499, "the client closed the connection")
+        return work.result()
+    finally:
+        for task in (*tasks, watcher):
+            task.cancel()
+        await asyncio.gather(work, watcher, *tasks, return_exceptions=True)
+
+
+async def _request_images(request: Request, preparer: Preparer) -> tuple[np.ndarray, list[str], list[bool] | None]:
     """The images of a predict request, by content type; `inverted` only for uploads (arrays are taken as is)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        return await _uploaded_images(request, settings, pool)
+        return await _uploaded_images(request, preparer)
     if content_type == "application/json":  # parsed in the pool: a big body must not hold up the event loop
         raw = await request.body()
-        batch, names = await asyncio.get_running_loop().run_in_executor(pool, _json_images, raw, settings.max_images)
+        batch, names = await preparer.run(preparer.quick, _json_images, raw, preparer.settings.max_images)
         return batch, names, None
     raise ApiError(415, f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data "
                         "with image files in the field 'file', or application/json with 28x28 arrays")
@@ -372,6 +684,16 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, error: ClientDisconnect) -> JSONResponse:
+        """A client that leaves mid-body is not a server error: no traceback in the log, nobody reads the answer."""
+        return _error_response(ApiError(499, "the client closed the connection before sending the whole body"))
+
+
+def _finite(value: Any) -> Any:
+    """A number as JSON can carry it: NaN and infinities (a damaged metrics block) become null, not a 500."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
 
 def model_info(classifier: Classifier) -> dict[str, Any]:
     """What `GET /v1/model` answers and the page shows: enough to know which model is talking."""
@@ -385,8 +707,8 @@ def model_info(classifier: Classifier) -> dict[str, Any]:
         "architecture": architecture.model_dump(),
         "preset": meta.preset,
         "classes": classifier.classes,
-        "test_accuracy": metrics.get("test_accuracy"),
-        "parameters": metrics.get("parameters"),
+        "test_accuracy": _finite(metrics.get("test_accuracy")),
+        "parameters": _finite(metrics.get("parameters")),
         "created": meta.created,
         "calibrated": classifier.calibrated,
         "temperature": classifier.temperature,
@@ -395,12 +717,37 @@ def model_info(classifier: Classifier) -> dict[str, Any]:
     }
 
 
+_DOCS_OFF = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>fmnist API</title>
+<link rel="stylesheet" href="/static/style.css"></head><body><main><section class="card">
+<h1>fmnist HTTP API</h1><p>The interactive docs are off: they load Swagger UI from a public CDN. The API's schema is
+<a href="/openapi.json">/openapi.json</a>; start the server with <code>fmnist serve --docs</code> for the
+interactive page.</p><p><code>POST /v1/predict</code> (image files in the multipart field <code>file</code>, or JSON
+<code>{"image": [[...28 values], ...]}</code>) · <code>GET /v1/model</code> · <code>GET /healthz</code></p>
+</section></main></body></html>"""
+
+
+def _add_pages(app: FastAPI, settings: ServeSettings) -> None:
+    """The page (GET and HEAD), its static files, and /docs: Swagger UI when asked for, else a local note."""
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    if not settings.docs:
+        @app.get("/docs", include_in_schema=False)
+        async def docs_off() -> HTMLResponse:
+            return HTMLResponse(_DOCS_OFF)
+
+
 def create_app(classifier: Classifier, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI application for one loaded model (tests use it with FastAPI's TestClient)."""
+    """The FastAPI application for one loaded model (tests use it with FastAPI's TestClient). The model must answer
+    a blank image with finite probabilities first: a service that would answer 500 to everything never starts."""
     settings = settings or ServeSettings()
+    classifier.check(str(getattr(classifier, "run_dir", "the model")))
     torch.set_num_threads(settings.torch_threads or usable_cores())
     batcher = Batcher(classifier, settings.max_batch)
-    pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="fmnist-prepare")
+    preparer = Preparer(settings)
     info = model_info(classifier)
 
     @asynccontextmanager
@@ -410,20 +757,19 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
             yield
         finally:
             await batcher.stop()
-            pool.shutdown(wait=False, cancel_futures=True)
+            preparer.shutdown()
 
-    app = FastAPI(title="fmnist", version="1", lifespan=lifespan,
+    app = FastAPI(title="fmnist", version="1", lifespan=lifespan, docs_url="/docs" if settings.docs else None,
+                  redoc_url=None,  # ReDoc, like Swagger UI, would load its script from a public CDN
                   description="Fashion-MNIST classifier: upload a photo or send 28x28 arrays, get class probabilities.")
     app.state.batcher = batcher
     app.state.settings = settings
-    app.add_middleware(BodyLimit, max_bytes=settings.max_bytes)
+    app.state.preparer = preparer
+    app.add_middleware(BodyGuard, settings=settings)  # added first: innermost, after the host is known good
+    app.add_middleware(HostGuard, settings=settings)
+    app.add_middleware(SecurityHeaders, docs=settings.docs)  # outermost: refusals carry the headers too
     _add_error_handlers(app)
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html")
-
-    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    _add_pages(app, settings)
 
     @app.get("/healthz", summary="Liveness: the model is loaded and the inference thread runs")
     async def healthz() -> dict[str, Any]:
@@ -438,7 +784,7 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
     async def predict(request: Request,
                       top: int = Query(3, ge=1, le=len(classifier.classes), description="classes to rank per image"),
                       include_input: bool = Query(False, description="also return the 28x28 the model saw")):
-        batch, names, inverted = await _request_images(request, settings, pool)
+        batch, names, inverted = await _request_images(request, preparer)
         answers = await batcher.answer(batch)
         predictions = []
         for index, (name, answer) in enumerate(zip(names, answers, strict=True)):
@@ -471,14 +817,16 @@ def latest_run(root: str | os.PathLike = "runs") -> Path:
 
 
 def run_server(run_dir: str | os.PathLike, settings: ServeSettings, log_level: str = "info") -> None:
-    """Load the model and serve until Ctrl-C (uvicorn, one process, HTTP/1.1 keep-alive)."""
+    """Load the model, check it answers, and serve until Ctrl-C (uvicorn, one process, HTTP/1.1 keep-alive)."""
     import uvicorn
 
     classifier = Classifier.load(run_dir)
     app = create_app(classifier, settings)
     accuracy = classifier.meta.metrics.get("test_accuracy")
     shown = f", test accuracy {accuracy:.2%}" if isinstance(accuracy, float) and math.isfinite(accuracy) else ""
+    docs = "API docs: /docs" if settings.docs else "API schema: /openapi.json"
     print(f"serving {run_dir} ({model_info(classifier)['name']}{shown}) on http://{settings.host}:{settings.port}/  "
-          f"(API docs: /docs, Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, limit_concurrency=1024,
-                timeout_graceful_shutdown=5)
+          f"({docs}, Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
+                limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive,
+                timeout_graceful_shutdown=5, server_header=False)

@@ -1,4 +1,4 @@
-"""Hyper-parameter sweeps: a YAML spec, Ray Tune running `fmnist.train.train` per trial, a ranked report.
+"""Hyper-parameter sweeps: a YAML spec, Ray Tune running `fmnist.training.train` per trial, a ranked report.
 
 `load_spec(path)` reads and fully validates the spec (no Ray needed), so a typo fails in one line before any
 process starts. `run_sweep(spec, out_dir)` runs the trials with Ray Tune on this machine and writes:
@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import reprlib
 import shutil
 import tempfile
 import time
@@ -65,6 +66,21 @@ METRICS = {metric: "min" if metric.endswith("loss") else "max" for metric in get
 ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2}
 DEFAULT_VALIDATION = 5000  # held-out images added when a val_* metric meets a preset without a validation split
 DEFAULT_SAMPLES = {"random": 8, "grid": 1}
+# Bounds on what a spec may ask for, so reading, validating and reporting one costs little whatever it holds.
+MAX_SPEC_BYTES = 64 * 1024  # the example spec is 1.5 KB
+MAX_SPEC_VALUES = 10_000  # values after YAML aliases are expanded; a real spec holds a few dozen
+MAX_SPEC_DEPTH = 16  # the deepest real value (a width list under a distribution under space) is 5 levels down
+MAX_VALUES = 1000  # listed values of one distribution
+MAX_SAMPLES = 1000  # random trials, or repeats of a grid
+MAX_TRIALS = 10_000  # the whole sweep: each trial is a training run
+_SHORT = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 40, 40
+
+
+def _short(value: Any) -> str:
+    """A repr of at most about 80 characters at bounded cost: an error never echoes a whole (alias-expanded) spec."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class SweepError(FmnistError):
@@ -103,8 +119,10 @@ def _ordered(bounds: list[Any]) -> list[Any]:
 class Distribution(TypedDict, total=False):
     """How one setting's values are drawn: exactly one of these keys."""
 
-    choice: Annotated[list[Any], Field(min_length=1, description="a non-empty list of values, like {choice: [0, 1]}")]
-    grid: Annotated[list[Any], Field(min_length=1, description="a non-empty list of values, like {grid: [0, 1]}")]
+    choice: Annotated[list[Any], Field(min_length=1, max_length=MAX_VALUES, description=(
+        f"a non-empty list of at most {MAX_VALUES} values, like {{choice: [0, 1]}}"))]
+    grid: Annotated[list[Any], Field(min_length=1, max_length=MAX_VALUES, description=(
+        f"a non-empty list of at most {MAX_VALUES} values, like {{grid: [0, 1]}}"))]
     uniform: Annotated[list[_Number], _Pair, AfterValidator(_ordered),
                        Field(description="numbers [low, high] with low < high, like {uniform: [0.0, 0.3]}")]
     loguniform: Annotated[list[Annotated[_Number, Field(gt=0)]], _Pair, AfterValidator(_ordered), Field(
@@ -141,7 +159,7 @@ def _asha_switch(value: Any) -> Any:
 
 def _known_preset(preset: str) -> str:
     if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r} is unknown{did_you_mean(preset, PRESETS)}; "
+        raise ValueError(f"preset {_short(preset)} is unknown{did_you_mean(preset, PRESETS)}; "
                          f"choose one of {', '.join(PRESETS)}")
     return preset
 
@@ -153,7 +171,7 @@ def _setting_name(name: Any) -> Any:
     if name == "threads":
         raise ValueError("threads per trial are set with the top-level trial_threads key")
     if name not in TrainConfig.model_fields:
-        raise ValueError(f"unknown setting {name!r}{did_you_mean(name, setting_names())}; "
+        raise ValueError(f"unknown setting {_short(name)}{did_you_mean(name, setting_names())}; "
                          "see the TrainConfig fields in fmnist.config")
     return name
 
@@ -170,8 +188,8 @@ class SweepSpec(BaseModel):
     preset: Annotated[str, AfterValidator(_known_preset)]
     metric: Metric = "val_accuracy"
     search: Literal["grid", "random"] = "random"
-    samples: int = Field(DEFAULT_SAMPLES["random"], gt=0,
-                         description="a positive integer (random: trials to draw; grid: repeats of the full grid)")
+    samples: int = Field(DEFAULT_SAMPLES["random"], gt=0, le=MAX_SAMPLES, description=(
+        f"a positive integer up to {MAX_SAMPLES} (random: trials to draw; grid: repeats of the full grid)"))
     fixed: Annotated[dict[_Setting, Any], _EmptyIfNone] = Field(
         default_factory=dict, description="a mapping of settings, like `fixed: {epochs: 6}`")
     space: Annotated[dict[_Setting, Annotated[Distribution, BeforeValidator(_one_kind)]], _EmptyIfNone] = Field(
@@ -179,8 +197,9 @@ class SweepSpec(BaseModel):
         description="a mapping of setting -> distribution, like `lr: {loguniform: [0.02, 0.5]}`")
     asha: Annotated[Asha | None, BeforeValidator(_asha_switch)] = Field(
         None, description="a mapping like {grace_period: 1, reduction_factor: 2}, true, or false")
-    trial_threads: int = Field(1, gt=0, description="a positive integer (torch threads per trial)")
-    sampler_seed: int = Field(0, description="an integer (it seeds the random search)")
+    trial_threads: int = Field(1, gt=0, le=1024, description="a positive integer up to 1024 (torch threads per trial)")
+    sampler_seed: int = Field(0, ge=0, lt=2**32,
+                              description="an integer from 0 to 4294967295 (it seeds the random search)")
     name: str = "sweep"  # from the spec's file name, not a spec key
 
     @field_validator("space")
@@ -212,6 +231,9 @@ class SweepSpec(BaseModel):
             self.samples = DEFAULT_SAMPLES[self.search]  # 8 random trials, or the grid once
         self._add_validation()
         self._seed_grid_repeats()
+        if self.trial_count() > MAX_TRIALS:
+            raise ValueError(f"the sweep would run {self.trial_count():,} trials, more than {MAX_TRIALS:,}; "
+                             "search fewer values or lower samples")
         self._check_trials()
         epochs = self.max_epochs()
         if self.asha and self.asha["grace_period"] >= epochs:
@@ -248,13 +270,14 @@ class SweepSpec(BaseModel):
         """Every value in the space must make a valid TrainConfig: fail now, not in trial 7 an hour from now."""
         base = {name: _candidates(distribution)[0] for name, distribution in self.space.items()}
         trials = [("the first trial's settings are invalid", base)] + [
-            (f"space.{name} value {value!r}", {**base, name: value})
+            (f"space.{name} value {_short(value)}", {**base, name: value})
             for name, distribution in self.space.items() for value in _candidates(distribution)]
         for what, params in trials:
             try:
                 resolve_config(self.preset, self.overrides(params))
-            except ConfigError as error:
-                raise ValueError(f"{what}: {error}") from None
+            except ConfigError as error:  # config's message may quote the whole value: keep the line short
+                message = str(error)
+                raise ValueError(f"{what}: {message if len(message) <= 200 else message[:197] + '...'}") from None
 
     @property
     def mode(self) -> str:
@@ -294,11 +317,19 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     yaml = _require("yaml")
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SPEC_BYTES + 1)
+        if len(raw) > MAX_SPEC_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_SPEC_BYTES // 1024} KiB; a sweep spec is a short YAML "
+                              "file (see examples/sweep-fast.yaml)")
+        values = yaml.safe_load(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such sweep spec; see examples/sweep-fast.yaml for one") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read the sweep spec ({error})") from None
+    except RecursionError:  # PyYAML's parser recurses once per level of nesting
+        raise ConfigError(f"{path}: values nested too deeply for a sweep spec; see examples/sweep-fast.yaml") \
+            from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -317,10 +348,31 @@ def parse_spec(values: dict[str, Any], name: str = "sweep") -> SweepSpec:
     """Validate a spec given as a dict (what the YAML file holds) and fill in the defaults; problems: ConfigError."""
     if "name" in values:
         raise ConfigError("name is not a spec key: a sweep is named after its file")
+    _check_expansion(values)
     try:
         return SweepSpec.model_validate({**values, "name": name})
     except ValidationError as error:
         raise ConfigError(_one_line(error, values)) from None
+
+
+def _check_expansion(values: Any) -> None:
+    """Refuse a spec that expands to too many values or nests too deeply, before it is validated: YAML aliases let
+    a few hundred bytes stand for millions of values ("billion laughs"), which every check and error message would
+    then walk. Shared (and even recursive) values are counted each time they appear; the walk stops at the cap."""
+    pending, seen = [(values, 1)], 1
+    while pending:
+        value, depth = pending.pop()
+        if not isinstance(value, (dict, list, tuple)):
+            continue
+        if depth > MAX_SPEC_DEPTH:
+            raise ConfigError(f"values nested more than {MAX_SPEC_DEPTH} deep; a sweep spec holds settings and "
+                              "short lists (see examples/sweep-fast.yaml)")
+        seen += 2 * len(value) if isinstance(value, dict) else len(value)  # counted before a child is touched
+        if seen > MAX_SPEC_VALUES:
+            raise ConfigError(f"the spec expands to more than {MAX_SPEC_VALUES:,} values (repeated YAML aliases?); "
+                              "a sweep spec needs a few dozen")
+        children = [item for pair in value.items() for item in pair] if isinstance(value, dict) else value
+        pending.extend((child, depth + 1) for child in children)
 
 
 def _one_line(error: ValidationError, given: dict[str, Any]) -> str:
@@ -331,10 +383,11 @@ def _one_line(error: ValidationError, given: dict[str, Any]) -> str:
     if kind in ("extra_forbidden", "invalid_key"):  # a key not in the schema (or not even text)
         what, keys = [("spec key", SPEC_KEYS), ("key", ASHA_DEFAULTS), ("distribution", DISTRIBUTIONS)][len(loc) - 1]
         where = ".".join(names[:-1]) + ": " if len(loc) > 1 else ""
-        return f"{where}unknown {what} {loc[-1]!r}{did_you_mean(loc[-1], keys)}; the {what}s are {', '.join(keys)}"
+        return (f"{where}unknown {what} {_short(loc[-1])}{did_you_mean(loc[-1], keys)}; "
+                f"the {what}s are {', '.join(keys)}")
     if names[0] == "space" and len(names) > 2:  # a distribution's values
         return (f"space.{names[1]}: {names[2]} needs {_described(Distribution, names[2])}, "
-                f"got {given['space'][loc[1]][loc[2]]!r}")
+                f"got {_short(given['space'][loc[1]][loc[2]])}")
     if kind == "value_error":  # our validators' own lines; those on a setting or distribution are told where
         where = ".".join(names[:-1] if loc[-1] == "[key]" else names) + ": " if len(loc) > 1 else ""
         return f"{where}{problem['ctx']['error']}"
@@ -342,10 +395,11 @@ def _one_line(error: ValidationError, given: dict[str, Any]) -> str:
         return f"preset: name the base preset, e.g. `preset: fast` (one of {', '.join(PRESETS)})"
     if kind == "literal_error":
         allowed = ", ".join(get_args(SweepSpec.model_fields[names[0]].annotation))
-        hint = "; pick on validation, never on the test set" if str(value).startswith("test") else ""
-        return f"{names[0]} {value!r} is not one of {allowed}{hint}"
+        test = isinstance(value, str) and value.startswith("test")
+        hint = "; pick on validation, never on the test set" if test else ""
+        return f"{names[0]} {_short(value)} is not one of {allowed}{hint}"
     owner, name = (Asha, names[1]) if len(names) > 1 else (SweepSpec, names[0])
-    return f"{'.'.join(names[:2])} must be {_described(owner, name)}, got {value!r}"
+    return f"{'.'.join(names[:2])} must be {_described(owner, name)}, got {_short(value)}"
 
 
 def _described(owner: Any, name: str) -> str:
@@ -384,7 +438,7 @@ def _trainable(params: dict[str, Any], *, arrays: tuple, settings: dict[str, Any
     from ray import tune
 
     from fmnist.events import EpochEnd, EpochStart
-    from fmnist.train import train
+    from fmnist.training import train
 
     metric = settings["metric"]
     overrides = {**settings["fixed"], **{k: _plain(v) for k, v in params.items()}, "threads": settings["threads"]}
@@ -423,11 +477,11 @@ def _muted(name: str) -> Iterator[None]:
 
 def _finish_stopped(run_dir: Path, arrays: tuple) -> None:
     """Turn a stopped trial's resume checkpoint into a full run folder, as Ctrl-C would have (same code path)."""
-    from fmnist.train import StopRequest, train
+    from fmnist.training import StopRequest, train
 
     stop = StopRequest()
     stop.request()  # stop before the first step: train() keeps the last complete epoch and writes the run folder
-    with _muted("fmnist.train"):  # "interrupted; keeping the last complete epoch" is expected here
+    with _muted("fmnist.training"):  # "interrupted; keeping the last complete epoch" is expected here
         train(resume=run_dir, arrays=arrays, stop=stop)
 
 

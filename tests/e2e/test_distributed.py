@@ -29,7 +29,7 @@ WORKER = r"""
 import json, sys
 import numpy as np
 from safetensors.torch import save_file
-from fmnist.train import resolve_config, train
+from fmnist.training import resolve_config, train
 
 preset, overrides, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fmnist import data, train
+from fmnist import data, training
 from fmnist.events import EpochEnd
 from fmnist.predict import Classifier
 
@@ -55,17 +55,17 @@ def test_cli_trains_on_the_gpu_and_the_run_loads_on_the_cpu(tmp_path, real_data_
 
 
 def test_a_gpu_run_resumes_on_the_cpu(tmp_path, real_data_source):
-    config = train.resolve_config("fast", {"epochs": 2, "validation": 2000, "widths": [16, 32, 64]})
+    config = training.resolve_config("fast", {"epochs": 2, "validation": 2000, "widths": [16, 32, 64]})
 
     def stop_after_epoch_one(event):
         if isinstance(event, EpochEnd) and event.epoch == 1:
             raise KeyboardInterrupt
 
     arrays = real_subset(real_data_source)
-    stopped = train.train(config, arrays=arrays, out_dir=tmp_path / "run", progress=stop_after_epoch_one,
+    stopped = training.train(config, arrays=arrays, out_dir=tmp_path / "run", progress=stop_after_epoch_one,
                           device="cuda")
     assert stopped.interrupted and next(stopped.model.parameters()).device.type == "cpu"
-    resumed = train.train(resume=tmp_path / "run", arrays=arrays, device="cpu")
+    resumed = training.train(resume=tmp_path / "run", arrays=arrays, device="cpu")
     assert resumed.metrics["epochs_run"] == 2 and not resumed.interrupted
     assert resumed.metrics["device"] == "cpu" and resumed.metrics["test_accuracy"] > 0.8
 
@@ -74,7 +74,7 @@ WORKER = r"""
 import os, sys
 from safetensors.torch import save_file
 from fmnist import data
-from fmnist.train import resolve_config, train
+from fmnist.training import resolve_config, train
 
 (x, y), test = data.load_data(sys.argv[2])
 result = train(resolve_config("fast", {"epochs": 1, "validation": 1000}), arrays=((x[:8000], y[:8000]), test),

@@ -88,6 +88,15 @@ class TrainResult:
     config: TrainConfig
     run_dir: Path | None = None
     interrupted: bool = False
+    calibration: checkpoint.Calibration | None = None
+
+    @property
+    def classifier(self):
+        """The trained model as a `fmnist.Classifier`, in memory: the same answers as `Classifier.load(run_dir)`
+        (same weights, normalisation and calibration temperature), without the round trip through the disk."""
+        from fmnist.predict import Classifier
+
+        return Classifier(self.model, run_meta(self.config, self.metrics, self.calibration))
 
 
 class StopRequest:
@@ -441,7 +450,7 @@ def run_epochs(loop: Loop, tensors: Tensors, state: RunState, run_dir: Path | No
 
 
 def train(
-    config: TrainConfig | dict[str, Any] | None = None,
+    config: TrainConfig | dict[str, Any] | str | None = None,
     *,
     out_dir: str | Path | None = None,
     arrays: tuple | None = None,
@@ -453,8 +462,9 @@ def train(
 ) -> TrainResult:
     """Train a model; with `out_dir`, write the run folder and a resume checkpoint after every epoch.
 
-    `config` is a TrainConfig, a dict of TrainConfig fields (a `preset` key picks the base), or None for the
-    default preset. `arrays` passes `((x_train, y_train), (x_test, y_test))` instead of loading the dataset.
+    `config` is a TrainConfig, a preset name ("fast"), a dict of TrainConfig fields (a `preset` key picks the
+    base), or None for the default preset. `arrays` passes `((x_train, y_train), (x_test, y_test))` instead of
+    loading the dataset.
     `resume` continues a run folder from its last complete epoch (its stored config wins). Ctrl-C, SIGTERM or
     `stop.request()` stop after restoring the last complete epoch and saving it; `result.interrupted` is then True.
     Under `torchrun` it trains data-parallel (see `fmnist.distributed`): `batch_size` is the global batch, and
@@ -467,8 +477,8 @@ def train(
     if resume is not None:
         out_dir = Path(resume)
         config = checkpoint.read_config(out_dir)
-    elif config is None:
-        config = resolve_config(DEFAULT_PRESET)
+    elif config is None or isinstance(config, str):
+        config = resolve_config(config or DEFAULT_PRESET)
     elif isinstance(config, dict):
         overrides = dict(config)
         config = resolve_config(overrides.pop("preset", DEFAULT_PRESET), overrides)
@@ -496,6 +506,8 @@ def _train(config: TrainConfig, run_dir: Path | None, arrays, data_dir, resuming
         log.info("budget %.0f s: %d epochs of about %.1f s", budget["seconds"], budget["epochs"],
                  budget["epoch_seconds_estimate"])
     loop = build_loop(config, len(tensors.y_train), group, device)
+    if main and not resuming:
+        warn_if_too_short(config, loop.steps_per_epoch * config.epochs)
     state = RunState()
     if resuming:  # every rank reads the same checkpoint
         saved = checkpoint.load_resume(run_dir, loop.model, loop.optimizer, loop.generator)
@@ -503,12 +515,37 @@ def _train(config: TrainConfig, run_dir: Path | None, arrays, data_dir, resuming
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
     if not main:
         run_dir = None  # only rank 0 writes
-    elif not resuming and run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_config(run_dir, config)
+    if resuming or run_dir is None:
+        result = _fit_and_write(loop, tensors, state, budget, run_dir, stop, emit)
+    else:  # a new folder is written in place; one holding a run (--overwrite) is replaced whole, at the end,
+        # by one built beside it (checkpoint.building), so a failed or killed run leaves the old one intact
+        with checkpoint.building(run_dir) as folder:
+            checkpoint.write_config(folder, config)
+            result = _fit_and_write(loop, tensors, state, budget, folder, stop, emit)
+        result.run_dir = run_dir
+    emit(events.End(result.metrics))
+    return result
+
+
+MIN_ONECYCLE_STEPS = 100  # `fast` on 3,000 images for 2 epochs (24 steps at lr 0.2) ended at chance, 8.9%
+
+
+def warn_if_too_short(config: TrainConfig, total_steps: int) -> None:
+    """Say so when a warm-up schedule has too few steps to settle: a high peak learning rate reached within a
+    handful of steps can leave the network at chance, and nothing else would tell."""
+    if config.schedule == "onecycle" and total_steps < MIN_ONECYCLE_STEPS and config.lr >= 0.05:
+        log.warning("only %d optimiser steps for a one-cycle schedule peaking at lr %g: such short runs can end at "
+                    "chance; train more epochs or images, or lower --lr (e.g. --lr %g)", total_steps, config.lr,
+                    config.lr / 4)
+
+
+def _fit_and_write(loop: Loop, tensors: Tensors, state: RunState, budget: dict | None, run_dir: Path | None,
+                   stop: StopRequest, emit: Progress) -> TrainResult:
+    """The epochs, calibration and final measurements, and the run folder's files when there is one."""
+    config = loop.config
     emit(events.Start(config, loop.steps_per_epoch, config.epochs, count_parameters(loop.model),
-                      len(tensors.y_train), state.epoch, devices.describe(device), group.world if group else 1,
-                      loop.precision))
+                      len(tensors.y_train), state.epoch, devices.describe(loop.device),
+                      loop.group.world if loop.group else 1, loop.precision))
     run_epochs(loop, tensors, state, run_dir, stop, emit)
     calibration = calibrate(loop.model, tensors.x_val, tensors.y_val)
     metrics = final_metrics(loop, tensors, state, calibration)
@@ -517,8 +554,7 @@ def _train(config: TrainConfig, run_dir: Path | None, arrays, data_dir, resuming
     model = loop.model.cpu()
     if run_dir is not None:
         write_run(run_dir, model, config, state.history, metrics, calibration)
-    emit(events.End(metrics))
-    return TrainResult(model, state.history, metrics, config, run_dir, state.interrupted)
+    return TrainResult(model, state.history, metrics, config, run_dir, state.interrupted, calibration)
 
 
 def final_metrics(loop: Loop, tensors: Tensors, state: RunState, calibration: checkpoint.Calibration) -> dict:
@@ -568,15 +604,24 @@ def calibrate(model: nn.Module, x_val: torch.Tensor | None, y_val: torch.Tensor 
         unusual_logit_threshold=float(np.percentile(logits.max(1).values.numpy(), 1)))
 
 
-def write_run(run_dir: Path, model: nn.Module, config: TrainConfig, history: list[dict[str, Any]],
-              metrics: dict[str, Any], calibration: checkpoint.Calibration | None = None) -> None:
-    """The run folder: model pair, history.csv, metrics.json (each written atomically)."""
+def run_meta(config: TrainConfig, metrics: dict[str, Any],
+             calibration: checkpoint.Calibration | None = None) -> checkpoint.RunMeta:
+    """What model.json says about a trained model: architecture, classes, preprocessing, calibration, metrics."""
     calibration = calibration or checkpoint.Calibration(**metrics.get("calibration", {}))
-    meta = checkpoint.RunMeta(
+    return checkpoint.RunMeta(
         architecture=config.architecture(), preset=config.preset, classes=list(data.CLASS_NAMES),
         normalization=normalization_meta(config), channels_last=config.channels_last, calibration=calibration,
         metrics={key: value for key, value in metrics.items() if key != "calibration"}, config=config.to_dict(),
         created=checkpoint.now())
-    checkpoint.save_model(model, run_dir, meta)
+
+
+def write_run(run_dir: Path, model: nn.Module, config: TrainConfig, history: list[dict[str, Any]],
+              metrics: dict[str, Any], calibration: checkpoint.Calibration | None = None) -> None:
+    """The run folder: history.csv, metrics.json and the model pair, each written atomically. An earlier model.json
+    (a resumed run's last save) goes first and the new one is written last, so a kill between the writes leaves no
+    model rather than new weights or metrics under old metadata."""
+    meta = run_meta(config, metrics, calibration)
+    (run_dir / checkpoint.META_FILE).unlink(missing_ok=True)
     checkpoint.write_history(run_dir, history)
     checkpoint.write_metrics(run_dir, metrics)
+    checkpoint.save_model(model, run_dir, meta)
