@@ -135,6 +135,19 @@ def test_predict_top_below_one_is_a_usage_error(tmp_path, capsys, top):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(("command", "flag"), [
+    (["data", "show", "--per-class", "0"], "--per-class"), (["data", "show", "--per-class", "-1"], "--per-class"),
+    (["data", "show", "--seed", "-1"], "--seed"), (["plot", "RUN", "--seed", "-1"], "--seed"),
+    (["data", "fetch", "--retries", "0"], "--retries")])
+def test_counts_below_their_range_are_usage_errors(command, flag, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(command)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: must be from " in err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+
+
 def test_predict_top_zero_in_a_process_is_exit_2_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fmnist", "predict", str(tmp_path), "x.png", "--top", "0"],
                           capture_output=True, text=True, timeout=60)

@@ -588,16 +588,16 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
                                     formatter_class=_Formatter)
     _add_data_dir(show)
     show.add_argument("--out", default="runs/samples.png", help="PNG file to write")
-    show.add_argument("--per-class", type=int, default=10, help="images per class (row)")
+    show.add_argument("--per-class", type=_count(1, 100), default=10, help="images per class (row)")
     show.add_argument("--split", choices=("train", "test"), default="train", help="which split to sample")
-    show.add_argument("--seed", type=int, default=0, help="which random examples")
+    show.add_argument("--seed", type=_count(0, 2**32 - 1), default=0, help="which random examples")
     show.set_defaults(func=_cmd_data_show)
     fetch = data_commands.add_parser("fetch", help="download the upstream files, verified, into the cache",
                                      formatter_class=_Formatter)
     fetch.add_argument("--dest", default=None, help="folder to download into (default: ~/.cache/fmnist)")
     fetch.add_argument("--mirror", action="append", help="base URL to download from (repeatable); "
                                                          "default: $FMNIST_MIRROR, then upstream")
-    fetch.add_argument("--retries", type=int, default=3, help="attempts per file and mirror")
+    fetch.add_argument("--retries", type=_count(1, 20), default=3, help="attempts per file and mirror")
     fetch.set_defaults(func=_cmd_data_fetch)
 
 
@@ -656,7 +656,8 @@ def _add_prediction_commands(commands: argparse._SubParsersAction) -> None:
     plot_parser = commands.add_parser("plot", help="draw every figure of a run into RUN/plots",
                                       formatter_class=_Formatter)
     plot_parser.add_argument("run", help="run folder")
-    plot_parser.add_argument("--seed", type=int, default=0, help="which test images the prediction grid shows")
+    plot_parser.add_argument("--seed", type=_count(0, 2**32 - 1), default=0,
+                             help="which test images the prediction grid shows")
     plot_parser.add_argument("--embedding", action="store_true",
                              help="also map the network's features of the test set to 2-D beside the raw pixels "
                                   "(plots/embedding.png)")

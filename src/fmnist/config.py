@@ -251,14 +251,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (ECE 0.109 -> 0.007 after temperature scaling, measured on `fast`).
     "fast": dict(
         description="BN ConvNet 32-64-128, one-cycle SGD at batch 128, flips, 5 epochs: about 1 min on 2 "
-                    "AVX512-BF16 cores",
+                    "AVX512-BF16 cores, 3 min on 2 AVX2 cores",
         evidence="docs/recipe-study.md, 5,000 validation images, 2 seeds each: batch 128 at lr 0.1 93.26% against "
                  "92.82% for batch 256 at lr 0.2 (batch 128 at lr 0.2 92.97%, batch 64 at lr 0.05 92.88%, batch 512 "
                  "92.40%); label smoothing 0-0.2, lr 0.4 and widths 48-96-192 for 4 epochs within noise; random "
                  "erasing -0.4",
         **{**_CNN_RECIPE, "batch_size": 128, "lr": 0.1}, widths=[32, 64, 128], epochs=5, validation=5000),
     "default": dict(
-        description="BN ConvNet 64-128-256, one-cycle SGD, flips, 10 epochs: about 20 min on 2 AVX2 cores",
+        description="BN ConvNet 64-128-256, one-cycle SGD, flips, 10 epochs: about 4 min on 2 AVX512-BF16 "
+                    "cores, 20 min on 2 AVX2 cores",
         evidence="earlier validation runs (numbers not kept): wider stages beat more epochs; 93.30% test, median "
                  "of 3 seeds",
         **_CNN_RECIPE, widths=[64, 128, 256], epochs=10, validation=5000),
