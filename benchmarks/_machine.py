@@ -30,3 +30,23 @@ def git_commit(root: Path = ROOT) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if changes else "")
+
+
+def wait_until_healthy(process, port: int, failure) -> None:
+    """Wait (up to 2 minutes) until the `fmnist serve` in `process` answers /healthz on 127.0.0.1:`port`; else kill
+    it and exit with `failure()` (the server's log or output) as the message."""
+    import sys
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.2)
+    process.kill()
+    sys.exit(f"the server did not start: {failure()}")

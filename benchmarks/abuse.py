@@ -35,12 +35,11 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name, git_commit
+from _machine import cpu_name, git_commit, wait_until_healthy
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,17 +239,8 @@ def start_server(run: Path, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "fmnist", "serve", str(run), "--port", str(port), "--log-level", "error"]
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                return process
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.2)
-    process.kill()
-    sys.exit(f"the server did not start: {log.read_text()[-2000:]}")
+    wait_until_healthy(process, port, lambda: log.read_text()[-2000:])
+    return process
 
 
 def log_errors(log: Path) -> list[str]:

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name
+from _machine import cpu_name, wait_until_healthy
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,17 +116,8 @@ def start_server(run: Path, port: int, threads: int | None, max_batch: int = 256
     if threads:
         command += ["--threads", str(threads)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                return process
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.2)
-    process.kill()
-    sys.exit(f"the server did not start: {process.stdout.read()}")
+    wait_until_healthy(process, port, lambda: process.stdout.read())
+    return process
 
 
 def server_stats(port: int) -> dict:

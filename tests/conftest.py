@@ -7,6 +7,7 @@ requested explicitly, so training and model tests can reuse these fixtures witho
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from pathlib import Path
 
@@ -79,6 +80,20 @@ def write_csv_dataset(directory: str | Path, arrays) -> Path:
     return directory
 
 
+# ----------------------------------------------------------------------------------------------- shared helpers
+def assert_error(response, status: int, pattern: str) -> None:
+    """An HTTP answer is the one-line JSON error the service promises: `{"error": "..."}` with this status."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and "\n" not in body["error"], body
+    assert re.search(pattern, body["error"]), body["error"]
+
+
+def left_behind(dest: Path) -> list[str]:
+    """What a failed download or write left in `dest` (it must leave nothing)."""
+    return sorted(p.name for p in dest.iterdir()) if dest.exists() else []
+
+
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch, tmp_path_factory):
@@ -86,6 +101,15 @@ def isolated_env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     monkeypatch.delenv("FMNIST_DATA", raising=False)
     monkeypatch.delenv("FMNIST_MIRROR", raising=False)
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """urllib honours *_proxy variables; the local mirrors of the download tests must be reached directly."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
 @pytest.fixture

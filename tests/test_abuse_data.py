@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import idx_bytes
+from conftest import idx_bytes, left_behind
 
 from fmnist import data
 from fmnist.errors import DataFormatError, DownloadError
@@ -129,13 +129,7 @@ def test_first_default_mirror_is_https():
     assert all(mirror.startswith(("http://", "https://")) for mirror in data.DEFAULT_MIRRORS)
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """urllib honours *_proxy variables; the local mirror must be reached directly."""
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+pytestmark = pytest.mark.usefixtures("no_proxy")  # conftest: reach the local mirrors directly
 
 
 class HostileMirror:
@@ -195,10 +189,6 @@ def hostile():
         server.close()
 
 
-def _left_behind(dest: Path) -> list[str]:
-    return sorted(p.name for p in dest.iterdir()) if dest.exists() else []
-
-
 def test_endless_download_is_stopped_at_the_cap_and_leaves_nothing(hostile, tmp_path):
     server = hostile("endless")
     dest = tmp_path / "dest"
@@ -207,7 +197,7 @@ def test_endless_download_is_stopped_at_the_cap_and_leaves_nothing(hostile, tmp_
     message = str(caught.value)
     assert f"{FIRST}.gz" in message and "more than the 64 MiB a dataset file can be" in message
     assert "\n" not in message
-    assert _left_behind(dest) == []  # no file, no .part temporary
+    assert left_behind(dest) == []  # no file, no .part temporary
     time.sleep(0.2)  # the server notices the closed connection
     assert server.sent < 200 * MiB, f"the client kept reading: {server.sent / MiB:.0f} MiB sent"
 
@@ -217,14 +207,14 @@ def test_announced_size_over_the_cap_is_refused_before_reading(hostile, tmp_path
     dest = tmp_path / "dest"
     with pytest.raises(DownloadError, match="announced size of 1,000,000,000,000 bytes is more than the 64 MiB"):
         data.fetch(dest, mirrors=(server.url,), retries=1, timeout=10.0)
-    assert _left_behind(dest) == []
+    assert left_behind(dest) == []
 
 
 def test_a_smaller_cap_is_honoured_too(hostile, tmp_path):
     server = hostile("endless")
     with pytest.raises(DownloadError, match=r"stopped at [\d,]+ bytes\) is more than the 1 MiB"):
         data.fetch(tmp_path / "dest", mirrors=(server.url,), retries=1, timeout=10.0, max_bytes=MiB)
-    assert _left_behind(tmp_path / "dest") == []
+    assert left_behind(tmp_path / "dest") == []
 
 
 def test_downloaded_gzip_bomb_is_refused_and_removed(hostile, tmp_path):
@@ -234,4 +224,4 @@ def test_downloaded_gzip_bomb_is_refused_and_removed(hostile, tmp_path):
     with pytest.raises(DownloadError) as caught:
         data.fetch(dest, mirrors=(server.url,), retries=1, timeout=10.0)
     assert "padded" in str(caught.value) and "\n" not in str(caught.value)
-    assert _left_behind(dest) == []
+    assert left_behind(dest) == []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_arrays
+from conftest import assert_error, make_tiny_arrays
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'fmnist[serve]'")
@@ -66,13 +66,6 @@ def png(size: tuple[int, int], mode: str = "L") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).convert(mode).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def assert_error(response, status: int, pattern: str) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and "\n" not in body["error"], body
-    assert re.search(pattern, body["error"]), body["error"]
 
 
 ARRAY = {"image": [[0] * 28] * 28}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import gzip
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import idx_bytes
+from conftest import idx_bytes, left_behind
 
 from fmnist import data
 from fmnist.errors import DownloadError
@@ -20,13 +19,7 @@ FIRST = NAMES[0]  # train-images-idx3-ubyte: failing it stops fetch before anyth
 FETCH = {"retries": 1, "timeout": 5.0}
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """urllib honours *_proxy variables; the local mirrors must be reached directly."""
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+pytestmark = pytest.mark.usefixtures("no_proxy")  # conftest: reach the local mirrors directly
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +115,6 @@ def mirror(real_files):
         server.close()
 
 
-def _left_behind(dest: Path) -> list[str]:
-    return sorted(p.name for p in dest.iterdir()) if dest.exists() else []
-
-
 # ----------------------------------------------------------------------------------------------- success
 def test_fetch_downloads_all_four_then_loads_and_skips_them_next_time(mirror, tmp_path):
     server = mirror()
@@ -134,7 +123,7 @@ def test_fetch_downloads_all_four_then_loads_and_skips_them_next_time(mirror, tm
     result = data.fetch(dest, mirrors=(server.url,), progress=lambda n, done, total: seen.__setitem__(n, (done, total)),
                         **FETCH)
     assert result == dest
-    assert _left_behind(dest) == sorted(f"{name}.gz" for name in NAMES)
+    assert left_behind(dest) == sorted(f"{name}.gz" for name in NAMES)
     assert [server.requested(name) for name in NAMES] == [1, 1, 1, 1]
     for name in NAMES:  # a shared cache: readable like any file the user makes, not 0600 like a temporary file
         assert (dest / f"{name}.gz").stat().st_mode & 0o777 == FILE_MODE, name
@@ -158,7 +147,7 @@ def test_only_missing_or_corrupt_files_are_downloaded(mirror, tmp_path, real_fil
     # NAMES[3] is missing
     data.fetch(dest, mirrors=(server.url,), **FETCH)
     assert [server.requested(name) for name in NAMES] == [0, 0, 1, 1]
-    assert _left_behind(dest) == sorted(f"{name}.gz" for name in NAMES)
+    assert left_behind(dest) == sorted(f"{name}.gz" for name in NAMES)
     assert (dest / f"{NAMES[2]}.gz").read_bytes() == real_files[NAMES[2]]
 
 
@@ -169,7 +158,7 @@ def test_second_mirror_rescues_a_broken_first(mirror, tmp_path):
     data.fetch(dest, mirrors=(broken.url, good.url), **FETCH)
     assert [broken.requested(name) for name in NAMES] == [1, 1, 1, 1]
     assert [good.requested(name) for name in NAMES] == [1, 1, 1, 1]
-    assert _left_behind(dest) == sorted(f"{name}.gz" for name in NAMES)
+    assert left_behind(dest) == sorted(f"{name}.gz" for name in NAMES)
     for name in NAMES:
         assert data._md5_of_content(dest / f"{name}.gz") == data.CONTENT_MD5[name]
 
@@ -182,7 +171,7 @@ def test_download_fallback_of_locate_data_uses_env_mirrors(monkeypatch, mirror, 
     monkeypatch.setenv("FMNIST_MIRROR", f" {broken.url} ,, {good.url}")
     source = data.locate_data()
     assert source == data.DataSource(data.cache_dir(), "download", "idx")
-    assert _left_behind(source.path) == sorted(f"{name}.gz" for name in NAMES)
+    assert left_behind(source.path) == sorted(f"{name}.gz" for name in NAMES)
     assert len(broken.requests) == 4 and len(good.requests) == 4
 
 
@@ -196,7 +185,7 @@ def test_wrong_content_raises_and_leaves_nothing(mirror, tmp_path, mode):
     message = str(excinfo.value)
     assert f"{FIRST}.gz" in message and "\n" not in message
     assert server.requested(FIRST) == 1
-    assert _left_behind(dest) == []  # no file for it, no .part temporaries
+    assert left_behind(dest) == []  # no file for it, no .part temporaries
 
 
 def test_wrong_content_late_keeps_the_good_files(mirror, tmp_path):
@@ -205,7 +194,7 @@ def test_wrong_content_late_keeps_the_good_files(mirror, tmp_path):
     dest = tmp_path / "dest"
     with pytest.raises(DownloadError, match=last):
         data.fetch(dest, mirrors=(server.url,), **FETCH)
-    assert _left_behind(dest) == sorted(f"{name}.gz" for name in NAMES[:-1])
+    assert left_behind(dest) == sorted(f"{name}.gz" for name in NAMES[:-1])
 
 
 def test_connection_closed_halfway_raises_and_leaves_nothing(mirror, tmp_path):
@@ -213,7 +202,7 @@ def test_connection_closed_halfway_raises_and_leaves_nothing(mirror, tmp_path):
     dest = tmp_path / "dest"
     with pytest.raises(DownloadError, match=rf"{FIRST}\.gz.*connection closed after \d+ of \d+ bytes"):
         data.fetch(dest, mirrors=(server.url,), **FETCH)
-    assert _left_behind(dest) == []
+    assert left_behind(dest) == []
 
 
 def test_retries_mean_attempts_per_mirror(mirror, tmp_path):
@@ -229,7 +218,7 @@ def test_unreachable_mirror_is_download_error(tmp_path):
     server.server_close()  # nothing listens there now
     with pytest.raises(DownloadError):
         data.fetch(tmp_path / "dest", mirrors=(f"http://127.0.0.1:{port}",), **FETCH)
-    assert _left_behind(tmp_path / "dest") == []
+    assert left_behind(tmp_path / "dest") == []
 def test_chunked_response_cut_short_is_download_error(mirror, tmp_path):
     server = mirror({FIRST: "chunked-truncate"})
     dest = tmp_path / "dest"
@@ -237,7 +226,7 @@ def test_chunked_response_cut_short_is_download_error(mirror, tmp_path):
         with pytest.raises(DownloadError):
             data.fetch(dest, mirrors=(server.url,), **FETCH)
     finally:
-        assert _left_behind(dest) == []  # the .part file is removed either way
+        assert left_behind(dest) == []  # the .part file is removed either way
 def test_mirror_without_scheme_is_dataset_error(tmp_path):
     with pytest.raises(DownloadError):
         data.fetch(tmp_path / "dest", mirrors=("example.invalid/mirror",), **FETCH)

@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'fmnist[serve]'")
+from conftest import assert_error
 from fastapi.testclient import TestClient  # noqa: E402
 
 from fmnist import data, images, serve  # noqa: E402
@@ -66,13 +67,6 @@ def phone_photo(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     canvas.convert("RGB").save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def assert_error(response, status: int, pattern: str) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and "\n" not in body["error"], body
-    assert re.search(pattern, body["error"]), body["error"]
 
 
 # ----------------------------------------------------------------------------------------------- endpoints
