@@ -157,7 +157,7 @@ def test_flags_and_config_file_reach_the_saved_config(real_arrays, tmp_path, cap
         assert saved["lr"] == 0.005  # the flag wins over the config file
         assert saved["weight_decay"] == 1e-4 and saved["test_subset"] == 256  # the file wins over the preset
         assert saved["optimizer"] == "adam" and saved["preset"] == "classic-adam"
-    assert meta["architecture"] == {"name": "mlp", "config": {"hidden": [64, 32], "dropout": 0.0}}
+    assert meta["architecture"] == {"name": "mlp", "config": {"hidden": [64, 32], "dropout": 0.0, "activation": "relu"}}
     shapes = {tuple(tensor.shape) for tensor in load_tensors(run / "model.safetensors").values()}
     assert {(64, 784), (32, 64), (10, 32)} <= shapes
     metrics = json.loads((run / "metrics.json").read_text())
@@ -314,7 +314,7 @@ def test_missing_config_file_is_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--optimizer", "rmsprop"], "optimizer 'rmsprop' is not one of adam, adamw, sgd"),
+    (["--optimizer", "adagrad"], "optimizer 'adagrad' is not one of adam, adamw, sgd, rmsprop"),
     (["--epochs", "0"], "epochs must be in (0, 1000000], got 0"),
     (["--monitor", "val_loss"], "needs a validation split"),
     (["--dropout", "1.5"], "must be in [0, 1)"),

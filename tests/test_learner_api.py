@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -118,3 +119,58 @@ def test_a_one_cycle_run_too_short_to_settle_is_warned_about(caplog):
         warn_if_too_short(resolve_config("fast"), 2150)  # the preset as it is: 5 epochs of 430 steps
         warn_if_too_short(resolve_config("classic-adam"), 20)  # a constant schedule at lr 0.001
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "gelu"])
+def test_mlp_activations_train_save_and_reload(tmp_path, activation):
+    from conftest import make_tiny_arrays
+
+    arrays = make_tiny_arrays(n_train=100, n_test=20)
+    result = fmnist.train({"preset": "classic-adam", "epochs": 1, "activation": activation}, arrays=arrays,
+                          out_dir=tmp_path / "run")
+    kinds = [type(layer).__name__.lower() for layer in result.model.layers]
+    assert kinds[2] == activation
+    loaded = fmnist.Classifier.load(tmp_path / "run")
+    assert loaded.meta.architecture.config["activation"] == activation
+    assert loaded.predict_proba(arrays[1][0]) == pytest.approx(result.classifier.predict_proba(arrays[1][0]), abs=1e-6)
+
+
+def test_rmsprop_uses_keras_defaults_and_trains():
+    from conftest import make_tiny_arrays
+
+    from fmnist.training import make_optimizer
+
+    config = fmnist.TrainConfig(optimizer="rmsprop", lr=1e-3, momentum=0.5)
+    optimizer = make_optimizer(config, create_model("mlp", hidden=[16]))
+    assert isinstance(optimizer, torch.optim.RMSprop)
+    assert optimizer.defaults["alpha"] == 0.9 and optimizer.defaults["eps"] == 1e-7  # Keras' rho and epsilon
+    assert optimizer.defaults["momentum"] == 0.5
+    result = fmnist.train({"preset": "classic-adam", "optimizer": "rmsprop", "epochs": 2},
+                          arrays=make_tiny_arrays(n_train=100, n_test=20))
+    assert result.history[-1]["loss"] < result.history[0]["loss"] * 1.5 and np.isfinite(result.history[-1]["loss"])
+
+
+def test_a_model_file_from_before_activations_loads_as_relu():
+    from fmnist.models import check_config
+
+    assert check_config("mlp", {"hidden": [128], "dropout": 0.0}).activation == "relu"
+    with pytest.raises(fmnist.FmnistError, match="activation"):
+        check_config("mlp", {"hidden": [128], "activation": "swish"})
+
+
+def test_rmsprop_resumes_to_the_same_weights(tmp_path):
+    from conftest import make_tiny_arrays
+
+    from fmnist import events
+    from fmnist.training import StopRequest
+
+    arrays = make_tiny_arrays(n_train=100, n_test=20)
+    settings = {"preset": "classic-adam", "optimizer": "rmsprop", "momentum": 0.5, "epochs": 2}
+    whole = fmnist.train(settings, arrays=arrays, out_dir=tmp_path / "whole")
+    stop = StopRequest()
+    stopped = fmnist.train(settings, arrays=arrays, out_dir=tmp_path / "part", stop=stop,
+                           progress=lambda event: stop.request() if isinstance(event, events.EpochEnd) else None)
+    assert stopped.interrupted and len(stopped.history) == 1
+    resumed = fmnist.train(resume=tmp_path / "part", arrays=arrays)
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)

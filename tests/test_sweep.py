@@ -82,7 +82,7 @@ def test_grid_repeats_get_their_own_seeds():
     ({"space": {"label_smoothing": {"grid": [0.0, 0.1]}}}, "grid needs `search: grid`"),
     ({"search": "grid"}, "search: grid takes only grid"),
     ({"fixed": {"lr": 0.1}}, "lr is both fixed and searched"),
-    ({"space": {"optimizer": {"choice": ["sgd", "rmsprop"]}}}, "space.optimizer value 'rmsprop': optimizer 'rmsprop'"),
+    ({"space": {"optimizer": {"choice": ["sgd", "adagrad"]}}}, "space.optimizer value 'adagrad': optimizer 'adagrad'"),
     ({"space": {"widths": {"choice": [[16, 32, 64], [32, -64]]}}}, "widths must be a list of integers from 1 to 1024"),
     ({"fixed": {"batch_size": 0}}, "first trial's settings are invalid: batch_size must be in (0, 16384], got 0"),
     ({"fixed": {"validation": 0}}, "needs a validation split"),

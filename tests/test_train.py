@@ -135,7 +135,8 @@ def test_run_folder_contents(arrays, tmp_path):
     header = (run / "history.csv").read_text().splitlines()[0].split(",")
     assert {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"} <= set(header)
     meta = json.loads((run / "model.json").read_text())
-    assert meta["architecture"] == {"name": "mlp", "config": {"hidden": [300, 100], "dropout": 0.0}}
+    assert meta["architecture"] == {"name": "mlp",
+                                    "config": {"hidden": [300, 100], "dropout": 0.0, "activation": "relu"}}
     assert meta["classes"][6] == "Shirt" and meta["normalization"]["std"] == 1.0
     assert not list(run.glob(".*.tmp"))
     umask = os.umask(0o022)
@@ -222,7 +223,7 @@ def test_bad_configs_are_refused_with_a_hint():
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         training.resolve_config("fast", {"epoch": 3})
     with pytest.raises(ConfigError, match="optimizer"):
-        training.resolve_config("fast", {"optimizer": "rmsprop"})
+        training.resolve_config("fast", {"optimizer": "adagrad"})
     with pytest.raises(ConfigError, match="needs a validation split"):
         training.resolve_config("classic-adam", {"monitor": "val_loss"})
 

@@ -53,13 +53,15 @@ class TrainConfig(BaseModel):
     model: Literal["mlp", "convnet", "keras-cnn"] = _setting("mlp", "architecture: mlp | convnet | keras-cnn")
     hidden: list[Annotated[int, Field(gt=0, le=16384)]] = _setting(
         [128], "MLP hidden layer sizes, e.g. 300,100", min_length=1, max_length=32)
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = _setting(
+        "relu", "MLP hidden-layer activation: relu | tanh | sigmoid | gelu")
     widths: list[Annotated[int, Field(gt=0, le=1024)]] = _setting(
         [32, 64, 128], "ConvNet stage widths, e.g. 32,64,128", min_length=1, max_length=4)
     depth: int = _setting(1, "ConvNet blocks per stage", ge=1, le=32)
     dropout: Fraction = _setting(0.0, "dropout before the last layer(s)")
-    optimizer: Literal["adam", "adamw", "sgd"] = _setting("adam", "adam | adamw | sgd")
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = _setting("adam", "adam | adamw | sgd | rmsprop")
     lr: float = _setting(1e-3, "peak learning rate", gt=0, lt=10)
-    momentum: float = _setting(0.0, "SGD momentum", ge=0, lt=1)
+    momentum: float = _setting(0.0, "SGD or RMSprop momentum", ge=0, lt=1)
     nesterov: bool = _setting(False, "Nesterov momentum (SGD)")
     weight_decay: float = _setting(0.0, "L2 weight decay (not on biases or batch norm)", ge=0, lt=1)
     schedule: Literal["constant", "cosine", "onecycle"] = _setting(
@@ -127,7 +129,8 @@ class TrainConfig(BaseModel):
     def architecture(self) -> dict[str, Any]:
         """The `{name, config}` that `create_model` rebuilds the network from."""
         if self.model == "mlp":
-            return {"name": "mlp", "config": {"hidden": list(self.hidden), "dropout": self.dropout}}
+            return {"name": "mlp", "config": {"hidden": list(self.hidden), "dropout": self.dropout,
+                                              "activation": self.activation}}
         if self.model == "convnet":
             return {"name": "convnet", "config": {"widths": list(self.widths), "depth": self.depth,
                                                   "dropout": self.dropout}}

@@ -7,7 +7,7 @@ projects' numbers are comparable. Models return logits; softmax lives in the los
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,15 +33,20 @@ def _keras_init(module: nn.Module) -> None:
                 nn.init.zeros_(layer.bias)
 
 
-class MLP(nn.Module):
-    """Flatten -> [Dense(h) ReLU (Dropout)]* -> Dense(10): the tutorial's network when hidden=(128,)."""
+# The hidden-layer activations a learner can try, as Keras names them (`Dense(128, activation="tanh")`).
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+                                                   "gelu": nn.GELU}
 
-    def __init__(self, hidden: Sequence[int] = (128,), dropout: float = 0.0):
+
+class MLP(nn.Module):
+    """Flatten -> [Dense(h) activation (Dropout)]* -> Dense(10): the tutorial's network when hidden=(128,)."""
+
+    def __init__(self, hidden: Sequence[int] = (128,), dropout: float = 0.0, activation: str = "relu"):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = 28 * 28
         for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU()]
+            layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
             if dropout:
                 layers.append(nn.Dropout(dropout))
             width = size
@@ -127,6 +132,7 @@ class _ModelConfig(BaseModel):
 
 class MLPConfig(_ModelConfig):
     hidden: Annotated[list[_Width], Field(max_length=MAX_LAYERS)] = [128]
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # absent in model files before it existed
 
     def parameters(self) -> int:
         widths = [28 * 28, *self.hidden, NUM_CLASSES]

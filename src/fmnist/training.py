@@ -67,7 +67,9 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     # epoch for the batch-32 tutorial MLP on 2 cores, where optimiser overhead dominates.
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, fused=True)
-    # eps=1e-7 is Keras' default, so the classic presets match the Keras numbers.
+    # eps=1e-7 (and RMSprop's rho 0.9) are Keras' defaults, so the classic presets match the Keras numbers.
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=config.lr, alpha=0.9, eps=1e-7, momentum=config.momentum)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=config.lr, eps=1e-7, fused=True)
 
