@@ -48,6 +48,26 @@ print("mean pixel of the training set:", round(float(x_train.mean() / 255), 4))"
 The TensorFlow tutorial's model: flatten the image, one hidden layer of 128 ReLU units, 10 outputs, Adam, batches
 of 32. `train` takes a preset and overrides; here 3 epochs on 20,000 images, holding out 2,000 to validate. The
 history holds loss and accuracy per epoch, for training and validation."""),
+    ("code", """print(fmnist.summary("classic-adam"))  # the network, layer by layer, like Keras' model.summary()"""),
+    ("markdown", """What one training step does, written out in plain PyTorch on fmnist's data and model: a batch goes
+forward, the loss compares the 10 outputs with the labels, `backward` computes how each weight moved the loss, and
+the optimiser nudges every weight against that. `fmnist.train` repeats exactly this, with progress, validation,
+checkpoints and calibration around it."""),
+    ("code", """import torch
+import torch.nn.functional as F
+
+from fmnist.models import create_model
+
+model = create_model("mlp", hidden=[128])
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
+inputs = fmnist.data.preprocess(x_train[:32])            # (32, 1, 28, 28) floats in 0..1
+targets = torch.as_tensor(y_train[:32], dtype=torch.long)
+for step in range(3):
+    loss = F.cross_entropy(model(inputs), targets)      # forward: logits -> loss
+    optimizer.zero_grad()
+    loss.backward()                                      # backward: a gradient for every weight
+    optimizer.step()                                     # update
+    print(f"step {step}: loss {loss.item():.3f}")"""),
     ("code", """from fmnist.training import resolve_config, train
 
 dense = train(resolve_config("classic-adam", {"epochs": 3, "train_subset": 20000, "validation": 2000}),
@@ -58,21 +78,18 @@ plots.training_curves(dense.history);"""),
 
 A `Classifier` is a trained model plus what it needs to answer: class names, scaling, calibration. Its
 probabilities feed scikit-learn's metrics: precision and recall per class tell which classes are hard."""),
-    ("code", """from fmnist.evaluate import classification_report
-from fmnist.predict import Classifier
-
-classifier = Classifier.load("runs/tour-dense")
+    ("code", """classifier = fmnist.Classifier.load("runs/tour-dense")  # the same model as dense.classifier
 probabilities = classifier.predict_proba(x_test)
-report = classification_report(probabilities, y_test)
+report = classifier.evaluate(x_test, y_test)   # like Keras' model.evaluate, plus the per-class report
 print(f"accuracy {report['accuracy']:.2%}, loss {report['loss']:.3f}")
 for row in report["per_class"]:
     print(f"{row['class']:<12} precision {row['precision']:.2f}  recall {row['recall']:.2f}")"""),
     ("markdown", """## 5. Predictions as pictures
 
-Each test image with the predicted class and its probability, green when right and red when wrong; then one image
-with the bar of every class."""),
+Each test image with the predicted class and its probability, green when right and red when wrong; then, as in
+the TensorFlow tutorial, images beside the bars of all 10 probabilities."""),
     ("code", """plots.prediction_grid(x_test[:18], probabilities[:18], y_test[:18]);"""),
-    ("code", """plots.image_with_probabilities(x_test[0], probabilities[0], int(y_test[0]));"""),
+    ("code", """plots.probability_grid(x_test[:15], probabilities[:15], y_test[:15]);"""),
     ("markdown", """## 6. Where it fails
 
 The confusion matrix counts, for each true class (row), what the model said (column). The mass off the diagonal
@@ -112,7 +129,7 @@ for axis, (step, picture) in zip(axes[1:], prepared.steps.items(), strict=True):
     axis.set_title(step)
 for axis in axes:
     axis.axis("off")
-cnn_classifier = Classifier.load("runs/tour-cnn")
+cnn_classifier = fmnist.Classifier.load("runs/tour-cnn")
 answer = cnn_classifier.answer(prepared.image)[0]
 print("true class:", fmnist.CLASS_NAMES[y_test[1]], "| model:", answer["top"][0], "| unsure:", answer["unsure"])"""),
     ("markdown", """## 9. Save and load
@@ -122,7 +139,7 @@ JSON file with the architecture, scaling and metrics. Loading it in a fresh proc
     ("code", """import os
 
 print(sorted(os.listdir("runs/tour-cnn")))
-reloaded = Classifier.load("runs/tour-cnn")
+reloaded = fmnist.Classifier.load("runs/tour-cnn")
 same = np.allclose(reloaded.predict_proba(x_test[:100]), cnn_classifier.predict_proba(x_test[:100]))
 print(reloaded, "| same probabilities after reloading:", same)"""),
     ("markdown", """## 10. What the network learned
