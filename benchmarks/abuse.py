@@ -326,9 +326,15 @@ def main() -> int:
                 print("the server did not stop within 30 s of SIGTERM; killed", file=sys.stderr)
     normal = summary(rows)
     errors_logged = log_errors(log) if server is not None else None
+    import torch  # only now: the load generator itself stays light while it measures
+
+    from fmnist.devices import cpu_class
+
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": git_commit(),
-              "machine": {"cpu": cpu_name(), "cores": os.cpu_count()}, "run": str(args.run),
+              "machine": {"cpu": cpu_name(), "cpu_class": cpu_class(), "cores": os.cpu_count(),
+                          "torch": torch.__version__, "precision": "fp32 (the served model's inference)"},
+              "run": str(args.run),
               "server_start_rss_mb": round(baseline_mb, 1), "server_peak_rss_mb": round(peak, 1),
               "attacks": rows, "normal": normal, "server_errors_logged": errors_logged,
               "target": {"peak_rss_mb_below": TARGET_RSS_MB,

@@ -100,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     stamp = datetime.now(timezone.utc)
     path = args.results / f"recipe_study-{args.preset}-{stamp:%Y-%m-%dT%H%M%S}.json"
+    import torch
+
+    from fmnist.devices import cpu_class
+
     record = {"preset": args.preset, "date": stamp.isoformat(timespec="seconds"), "cpu": cpu_name(),
+              "cpu_class": cpu_class(), "torch": torch.__version__,
+              "timing": "train_seconds are fair costs only if nothing else ran meanwhile",
               "commit": git_commit(), "command": " ".join(["python", "benchmarks/recipe_study.py", *sys.argv[1:]]),
               "rows": [], "table": ""}
     with tempfile.TemporaryDirectory() as workdir:

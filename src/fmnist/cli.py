@@ -681,7 +681,7 @@ def _add_prediction_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_run_commands(commands: argparse._SubParsersAction) -> None:
-    """The commands around many runs or a service: sweep, runs, compare, serve."""
+    """The commands around many runs or a service: sweep, runs, summary, compare, serve."""
     sweep_parser = commands.add_parser(
         "sweep", help="a hyper-parameter search with Ray Tune: one run folder per trial, ranked",
         formatter_class=_Formatter,
@@ -716,7 +716,11 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     compare_parser.add_argument("--out", default="compare.png", help="figure overlaying the training curves")
     compare_parser.add_argument("--json", action="store_true", help="machine-readable output")
     compare_parser.set_defaults(func=_cmd_compare)
+    _add_serve_command(commands)
 
+
+def _add_serve_command(commands: argparse._SubParsersAction) -> None:
+    """`fmnist serve` and its limits (each a field of `fmnist.serve.ServeSettings`, which checks them)."""
     serve_parser = commands.add_parser(
         "serve", help="web page and HTTP API for a trained model", formatter_class=_Formatter,
         description="Serve a web page (upload, drop, paste or draw an image) and an HTTP API for one trained run:\n"

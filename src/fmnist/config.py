@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from fmnist.errors import ConfigError, did_you_mean
+from fmnist.errors import ConfigError, did_you_mean, short_repr
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?")
 
@@ -185,9 +184,7 @@ class _Short:
         self.value = value
 
     def __repr__(self) -> str:
-        short = reprlib.Repr()
-        short.maxstring, short.maxother, short.maxlist, short.maxlevel = 60, 60, 8, 3
-        return short.repr(self.value)[:80]
+        return short_repr(self.value)
 
     def __str__(self) -> str:
         return repr(self) if not isinstance(self.value, (int, float)) else str(self.value)[:80]

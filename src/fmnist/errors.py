@@ -4,6 +4,8 @@ Library code raises these with a one-line message that names the file or value, 
 the CLI turns any of them into that line on stderr and exit code 2 (bad input), never a traceback.
 """
 
+import reprlib
+
 
 class FmnistError(Exception):
     """Base of every error fmnist raises for a user's mistake or bad input."""
@@ -47,3 +49,14 @@ def did_you_mean(word: object, choices: object) -> str:
 
     close = difflib.get_close_matches(str(word), [str(choice) for choice in choices], n=1)  # type: ignore[attr-defined]
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+_SHORT = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 40, 40
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """A value as an error message echoes it: a repr of at most `limit` characters, computed at bounded cost, so a
+    hostile file (a 5,000-character description, an alias-expanded YAML) gives a one-line message, not a page."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

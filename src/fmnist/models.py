@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from fmnist.errors import ConfigError
+from fmnist.errors import ConfigError, short_repr
 
 NUM_CLASSES = 10
 # A model file is read before anything is built, and the network's size follows from it alone, so a damaged or
@@ -174,8 +174,7 @@ def check_config(name: str, config: dict[str, Any]) -> _ModelConfig:
     except ValidationError as error:
         problem = error.errors(include_url=False)[0]
         where = ".".join(str(part) for part in problem["loc"]) or "config"
-        shown = repr(problem.get("input"))
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        shown = short_repr(problem.get("input"), 40)
         raise ConfigError(f"bad config for architecture {name!r}: {where} = {shown}: {problem['msg']}") from None
     count = checked.parameters()
     if count > MAX_PARAMETERS:

@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import csv
 import os
-import reprlib
 from pathlib import Path
 from typing import Any
 
 from fmnist import checkpoint
-from fmnist.errors import ModelFileError
+from fmnist.errors import ModelFileError, short_repr
 
 __all__ = ["list_runs", "read_history", "summary"]
 
 _TEXT_FIELDS = ("preset", "model", "created")
 _NUMBER_FIELDS = ("test_accuracy", "val_accuracy", "train_seconds")
-_SHORT = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 40, 40
-
-
-def _short(value: Any) -> str:
-    """A repr of at most about 80 characters, computed at bounded cost (an error never echoes a whole file)."""
-    text = _SHORT.repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _checked(row: dict[str, Any], source: Path) -> dict[str, Any]:
@@ -43,7 +34,7 @@ def _checked(row: dict[str, Any], source: Path) -> dict[str, Any]:
         else:
             wanted, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok:
-            raise ModelFileError(f"{source}: {key} {_short(value)} is not {wanted}; the file is damaged, "
+            raise ModelFileError(f"{source}: {key} {short_repr(value)} is not {wanted}; the file is damaged, "
                                  "retrain or restore it")
     return row
 

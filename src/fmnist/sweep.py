@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import re
-import reprlib
 import shutil
 import tempfile
 import time
@@ -55,7 +54,7 @@ from typing_extensions import TypedDict  # pydantic needs this one on Python < 3
 
 from fmnist import checkpoint, events
 from fmnist.config import PRESETS, TrainConfig, preset_value, resolve_config, setting_names
-from fmnist.errors import ConfigError, FmnistError, did_you_mean
+from fmnist.errors import ConfigError, FmnistError, did_you_mean, short_repr
 from fmnist.files import atomic_write_text, write_json
 from fmnist.hardware import usable_cores
 from fmnist.runs import read_history
@@ -73,14 +72,6 @@ MAX_SPEC_DEPTH = 16  # the deepest real value (a width list under a distribution
 MAX_VALUES = 1000  # listed values of one distribution
 MAX_SAMPLES = 1000  # random trials, or repeats of a grid
 MAX_TRIALS = 10_000  # the whole sweep: each trial is a training run
-_SHORT = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 40, 40
-
-
-def _short(value: Any) -> str:
-    """A repr of at most about 80 characters at bounded cost: an error never echoes a whole (alias-expanded) spec."""
-    text = _SHORT.repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class SweepError(FmnistError):
@@ -159,7 +150,7 @@ def _asha_switch(value: Any) -> Any:
 
 def _known_preset(preset: str) -> str:
     if preset not in PRESETS:
-        raise ValueError(f"preset {_short(preset)} is unknown{did_you_mean(preset, PRESETS)}; "
+        raise ValueError(f"preset {short_repr(preset)} is unknown{did_you_mean(preset, PRESETS)}; "
                          f"choose one of {', '.join(PRESETS)}")
     return preset
 
@@ -171,7 +162,7 @@ def _setting_name(name: Any) -> Any:
     if name == "threads":
         raise ValueError("threads per trial are set with the top-level trial_threads key")
     if name not in TrainConfig.model_fields:
-        raise ValueError(f"unknown setting {_short(name)}{did_you_mean(name, setting_names())}; "
+        raise ValueError(f"unknown setting {short_repr(name)}{did_you_mean(name, setting_names())}; "
                          "see the TrainConfig fields in fmnist.config")
     return name
 
@@ -270,7 +261,7 @@ class SweepSpec(BaseModel):
         """Every value in the space must make a valid TrainConfig: fail now, not in trial 7 an hour from now."""
         base = {name: _candidates(distribution)[0] for name, distribution in self.space.items()}
         trials = [("the first trial's settings are invalid", base)] + [
-            (f"space.{name} value {_short(value)}", {**base, name: value})
+            (f"space.{name} value {short_repr(value)}", {**base, name: value})
             for name, distribution in self.space.items() for value in _candidates(distribution)]
         for what, params in trials:
             try:
@@ -383,11 +374,11 @@ def _one_line(error: ValidationError, given: dict[str, Any]) -> str:
     if kind in ("extra_forbidden", "invalid_key"):  # a key not in the schema (or not even text)
         what, keys = [("spec key", SPEC_KEYS), ("key", ASHA_DEFAULTS), ("distribution", DISTRIBUTIONS)][len(loc) - 1]
         where = ".".join(names[:-1]) + ": " if len(loc) > 1 else ""
-        return (f"{where}unknown {what} {_short(loc[-1])}{did_you_mean(loc[-1], keys)}; "
+        return (f"{where}unknown {what} {short_repr(loc[-1])}{did_you_mean(loc[-1], keys)}; "
                 f"the {what}s are {', '.join(keys)}")
     if names[0] == "space" and len(names) > 2:  # a distribution's values
         return (f"space.{names[1]}: {names[2]} needs {_described(Distribution, names[2])}, "
-                f"got {_short(given['space'][loc[1]][loc[2]])}")
+                f"got {short_repr(given['space'][loc[1]][loc[2]])}")
     if kind == "value_error":  # our validators' own lines; those on a setting or distribution are told where
         where = ".".join(names[:-1] if loc[-1] == "[key]" else names) + ": " if len(loc) > 1 else ""
         return f"{where}{problem['ctx']['error']}"
@@ -397,9 +388,9 @@ def _one_line(error: ValidationError, given: dict[str, Any]) -> str:
         allowed = ", ".join(get_args(SweepSpec.model_fields[names[0]].annotation))
         test = isinstance(value, str) and value.startswith("test")
         hint = "; pick on validation, never on the test set" if test else ""
-        return f"{names[0]} {_short(value)} is not one of {allowed}{hint}"
+        return f"{names[0]} {short_repr(value)} is not one of {allowed}{hint}"
     owner, name = (Asha, names[1]) if len(names) > 1 else (SweepSpec, names[0])
-    return f"{'.'.join(names[:2])} must be {_described(owner, name)}, got {_short(value)}"
+    return f"{'.'.join(names[:2])} must be {_described(owner, name)}, got {short_repr(value)}"
 
 
 def _described(owner: Any, name: str) -> str:
