@@ -1,12 +1,14 @@
 """fmnist: Fashion-MNIST done right, with PyTorch.
 
     import fmnist
-    x_train, y_train, x_test, y_test = fmnist.load_data()
+    (x_train, y_train), (x_test, y_test) = fmnist.load_data()
     result = fmnist.train("fast")                  # a preset name, a TrainConfig, or settings as keywords
     classifier = result.classifier                 # or fmnist.Classifier.load("runs/fast")
     print(fmnist.summary("fast"))                  # the network, layer by layer, as Keras' model.summary()
+    dataset = fmnist.FashionMNIST("train")         # a torch Dataset of (image, label) for your own loop
+    mine = fmnist.train("fast", model=MyNet())     # any nn.Module (N,1,28,28) -> (N,10) logits, the whole loop
 
-Import is light: torch-heavy parts (`train`, `Classifier`, `summary`) load on first use.
+Import is light: torch-heavy parts (`train`, `Classifier`, `summary`, `FashionMNIST`) load on first use.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from fmnist.errors import FmnistError
 
 # name -> the module that defines it, imported when the name is first used
 _LAZY = {"train": "fmnist.training", "TrainConfig": "fmnist.config", "Classifier": "fmnist.predict",
-         "summary": "fmnist.model_summary"}
+         "summary": "fmnist.model_summary", "FashionMNIST": "fmnist.dataset"}
 
-__all__ = ["CLASS_NAMES", "Classifier", "FmnistError", "TrainConfig", "load_data", "summary", "train"]
+__all__ = ["CLASS_NAMES", "Classifier", "FashionMNIST", "FmnistError", "TrainConfig", "load_data", "summary",
+           "train"]
 __version__ = "0.1.0"
 
 

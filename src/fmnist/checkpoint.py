@@ -17,6 +17,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from fmnist.config import TrainConfig
+from fmnist.config import CustomNetwork, TrainConfig
 from fmnist.errors import ConfigError, ModelFileError
 from fmnist.files import atomic_write_bytes, atomic_write_text, read_json, write_json
 
@@ -199,15 +200,38 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             from None
 
 
-def build_model(meta: RunMeta) -> nn.Module:
+def build_model(meta: RunMeta, trust_code: bool = False, source: str = META_FILE) -> nn.Module:
     """The untrained network `meta` describes; its config's types, ranges and parameter count are checked first
-    (`fmnist.models.check_config`), so a damaged description never allocates more than the cap."""
-    from fmnist.models import create_model
+    (`fmnist.models.check_config`), so a damaged description never allocates more than the cap.
 
+    A custom network (architecture "custom") is rebuilt by importing the module its model.json names, which runs
+    that module's code: a run folder from someone else could run anything. So it is built only with
+    `trust_code=True`; otherwise `UntrustedCodeError` names the code. `source` names the run in messages."""
+    from fmnist.models import CUSTOM, check_trust, create_model
+
+    if meta.architecture.name == CUSTOM:
+        network = _custom_network(meta.architecture.config, source)
+        check_trust(network.target, source, trust_code)
+        try:
+            return create_model(CUSTOM, **network.model_dump())
+        except ConfigError as error:  # the code is missing here, or no longer builds what was trained
+            raise ModelFileError(f"{source}: {error}") from None
     try:
         return create_model(meta.architecture.name, **meta.architecture.config)
     except ConfigError as error:
         raise ModelFileError(f"{META_FILE}: {error}; the file is damaged or from another fmnist") from None
+
+
+def _custom_network(config: dict[str, Any], source: str) -> CustomNetwork:
+    """The import path and keyword arguments of a custom architecture, checked as data before anything is imported."""
+    try:
+        return CustomNetwork(**config)
+    except ValidationError as error:
+        problem = error.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "config"
+        reason = problem["msg"].removeprefix("Value error, ")
+        raise ModelFileError(f"{source}: {META_FILE}: architecture custom: {where}: {reason}; the file is damaged or "
+                             "from another fmnist") from None
 
 
 def _tensor_table(path: Path) -> tuple[dict[str, Any], int]:
@@ -291,13 +315,15 @@ def check_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> N
                                  "(training diverged, or the file is damaged), retrain it")
 
 
-def load_model(directory: str | os.PathLike) -> tuple[nn.Module, RunMeta]:
+def load_model(directory: str | os.PathLike, trust_code: bool = False) -> tuple[nn.Module, RunMeta]:
     """Rebuild the architecture named in `model.json`, load its weights strictly, return (model in eval mode, meta).
 
     Every check that bounds cost comes before the cost: the description (types, ranges, parameter count) before
-    the network is built, the weights file's header (names, shapes, dtypes, size) before its tensors are read."""
+    the network is built, the weights file's header (names, shapes, dtypes, size) before its tensors are read.
+    A run of your own network imports the code its model.json names, which runs it: only with `trust_code=True`
+    (see `build_model`)."""
     meta = read_meta(directory)
-    model = build_model(meta)
+    model = build_model(meta, trust_code=trust_code, source=f"run folder {directory}")
     path = Path(directory) / WEIGHTS_FILE
     architecture = f"architecture {meta.architecture.name} {meta.architecture.config}"
     check_weights(path, model.state_dict(), architecture)
@@ -336,6 +362,15 @@ def building(run_dir: Path) -> Iterator[Path]:
     _swap_in(staging, run_dir)
 
 
+def final_dir(folder: str | os.PathLike) -> Path:
+    """The folder a run being written into `folder` ends up as: `building` writes a replacement into a hidden
+    sibling `.NAME.new-PID-HEX` and renames it to NAME at the end, so files that name their own run (the model
+    card) must name NAME, not the staging folder. Any other folder is already its own final place."""
+    folder = Path(folder)
+    match = re.fullmatch(r"\.(.+)\.new-\d+-[0-9a-f]+", folder.name)
+    return folder.with_name(match.group(1)) if match else folder
+
+
 def _not_run_file(run_dir: Path) -> Path | None:
     """The first entry of `run_dir` that a run does not write (the folder is then not a run's, e.g. `runs/` itself),
     or None."""
@@ -343,7 +378,7 @@ def _not_run_file(run_dir: Path) -> Path | None:
         return run_dir
     for entry in run_dir.iterdir():
         if entry.is_dir():
-            if entry.name != "plots":
+            if entry.name not in ("plots", "tb"):  # tb/: TensorBoard's event files (`fmnist train --log tensorboard`)
                 return entry
         elif not entry.name.startswith(".") and entry.suffix not in (".json", ".csv", ".safetensors", ".png",
                                                                       ".onnx", ".md"):

@@ -35,6 +35,21 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", action="store_true", help="skip the MD5 check (for custom IDX data)")
 
 
+def _add_tracking_flags(parser: argparse.ArgumentParser, register: bool = True) -> None:
+    """`--log` (train and sweep) and `--register` (train), see `fmnist.tracking`."""
+    what, folder, holder = ("the run", "RUN", "the run") if register else ("every trial", "OUT/trials/<trial>",
+                                                                           "the sweep folder")
+    parser.add_argument("--log", action="append", metavar="BACKEND", default=None,
+                        help=f"also track {what} in tensorboard (event files in {folder}/tb/; view with `tensorboard "
+                             "--logdir runs`) or mlflow (in $MLFLOW_TRACKING_URI, else sqlite:///<folder holding "
+                             f"{holder}>/mlflow.db, e.g. runs/mlflow.db; view with `mlflow ui --backend-store-uri "
+                             "sqlite:///runs/mlflow.db`); repeat it or give a comma list: --log tensorboard,mlflow. "
+                             "Needs pip install 'fmnist[tensorboard]' or 'fmnist[mlflow]'")
+    if register:
+        parser.add_argument("--register", metavar="NAME", default=None,
+                            help="with --log mlflow: also register the model under NAME in MLflow's model registry")
+
+
 def _print_lines(lines: Sequence[str], file: typing.TextIO | None = None) -> None:
     """Print report lines one by one (nothing at all for no lines), like the single prints they replace."""
     for line in lines:
@@ -105,6 +120,25 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected positive sizes like 300,100, got {text!r}")
     return values
+
+
+def _json_object(text: str) -> dict:
+    """An argparse type: a JSON object such as '{"width": 64}' (the schema then checks its values)."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 64}}', got {text[:60]!r}")
+    return value
+
+
+def _add_trust_code(parser: argparse.ArgumentParser) -> None:
+    """`--trust-code`, on every command that may import a network a run or config names: off by default, because a
+    run folder is data someone may send you and importing its module would run their code."""
+    parser.add_argument("--trust-code", action="store_true",
+                        help="allow a run or config of your own network (--model custom) to import the Python class "
+                             "it names; importing runs that module's code, so pass it only for runs you trust")
 
 
 def _count(low: int, high: int | None = None) -> typing.Callable[[str], int]:
@@ -178,6 +212,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             continue
         if (field.json_schema_extra or {}).get("flag") == "duration":  # "3m", "90s": the schema parses it
             parse, metavar = str, "TIME"
+        elif (field.json_schema_extra or {}).get("flag") == "json":  # an object of values: the schema checks them
+            parse, metavar = _json_object, "JSON"
         elif typing.get_origin(kind) is typing.Literal:
             parse, metavar = str, "{" + ",".join(typing.get_args(kind)) + "}"
         else:
@@ -233,11 +269,27 @@ class _ProgressPrinter:
             self.bar.stop()
 
 
+def _trackers(args: argparse.Namespace) -> list:
+    """The `--log` loggers, checked before any work (an unknown name or a missing package is one line); none on
+    the other processes under torchrun, where rank 0 reports for the group."""
+    from fmnist import tracking
+    from fmnist.distributed import is_main_process
+
+    backends = tracking.parse_backends(args.log)
+    tracking.require(backends)
+    if args.register and "mlflow" not in backends:
+        raise ConfigError("--register names the model in MLflow's model registry; add --log mlflow")
+    if not is_main_process():
+        return []
+    return tracking.loggers(backends, data_dir=args.data_dir, registered_model=args.register)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.list_presets:
         return _list_presets()
-    from fmnist import plots, training
+    from fmnist import plots, tracking, training
 
+    trackers = _trackers(args)
     overrides = _overrides(args)
     if args.resume:
         config, out_dir = None, Path(args.resume)
@@ -250,15 +302,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.summary and config is not None and is_main_process():
         from fmnist.model_summary import summarize_module
-        from fmnist.models import create_model
+        from fmnist.models import CUSTOM, check_trust, create_model
 
+        if config.model == CUSTOM:  # building it imports the code the config names
+            check_trust(config.custom, "the config", args.trust_code)
         architecture = config.architecture()
         print(summarize_module(create_model(architecture["name"], **architecture["config"]),
                                f"{architecture['name']}, preset {config.preset}"))
     printer = _ProgressPrinter(args.quiet or not is_main_process())
+    tracker = tracking.Fanout(*trackers)  # closed after the curves are drawn: MLflow uploads them too
     try:
-        result = training.train(config, out_dir=out_dir, data_dir=args.data_dir, resume=args.resume, progress=printer,
-                             device=args.device)
+        result = training.train(config, out_dir=out_dir, data_dir=args.data_dir, resume=args.resume,
+                                progress=tracking.Fanout(printer, tracker) if trackers else printer,
+                                device=args.device, trust_code=args.trust_code)
+    except BaseException:
+        tracker.close()  # a failed or interrupted training's MLflow run is marked FAILED, not left RUNNING
+        raise
     finally:
         printer.close()
     if not is_main_process():  # under torchrun, rank 0 reports and writes for the whole group
@@ -267,6 +326,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not args.no_plots and result.history:
         plots.save_figure(plots.training_curves(result.history, result.config.label_smoothing),
                           out_dir / "plots" / "curves.png")
+    tracker.close()
     if not args.quiet:
         _print_lines(report.train_summary_lines(metrics, out_dir))
     if result.interrupted:
@@ -287,7 +347,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fmnist.files import write_json
     from fmnist.predict import Classifier
 
-    classifier = Classifier.load(args.run, device=args.device)
+    classifier = Classifier.load(args.run, device=args.device, trust_code=args.trust_code)
     x_test, y_test = _test_set(classifier, args.data_dir)
     scores = classifier.evaluate(x_test, y_test)
     result = {"test_size": len(y_test), "calibrated": classifier.calibrated,
@@ -363,7 +423,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if not args.files and not args.index:
         raise ConfigError("give image files or folders to predict, or --index N for test images")
-    classifier = Classifier.load(args.run, device=args.device)
+    classifier = Classifier.load(args.run, device=args.device, trust_code=args.trust_code)
     if args.files:
         return _predict_files(args, classifier)
     x_test, y_test = _test_set(classifier, args.data_dir)
@@ -399,7 +459,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from fmnist.runs import read_history
 
     run = Path(args.run)
-    classifier = Classifier.load(run)
+    classifier = Classifier.load(run, trust_code=args.trust_code)
     x_test, y_test = _test_set(classifier, args.data_dir)
     probabilities = classifier.predict_proba(x_test)
     out = run / "plots"
@@ -446,16 +506,17 @@ def _plot_embedding(args: argparse.Namespace, classifier, x_test, y_test, probab
 def _cmd_export(args: argparse.Namespace) -> int:
     from fmnist.export import OPSET, export_onnx
 
-    path = export_onnx(args.run, args.out)
+    path = export_onnx(args.run, args.out, trust_code=args.trust_code)
     print(f"wrote {path} (ONNX opset {OPSET}, {path.stat().st_size / 1e6:.1f} MB): uint8 images "
           "(batch, 28, 28) in, calibrated probabilities and logits out")
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from fmnist import data, sweep
+    from fmnist import data, sweep, tracking
 
     sweep.require_extra()  # one line naming the extra, before any work, when ray or pyyaml is missing
+    tracking.require(tracking.parse_backends(args.log))  # the same for --log
     spec = sweep.load_spec(args.spec)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} must be at least 1")
@@ -470,7 +531,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         if line is not None:
             print(line, flush=True)
 
-    trials = sweep.run_sweep(spec, out_dir, arrays=arrays, max_concurrent=concurrency, progress=on_event)
+    trials = sweep.run_sweep(spec, out_dir, arrays=arrays, max_concurrent=concurrency, progress=on_event,
+                             log=args.log)
     _print_lines(report.sweep_table(spec.metric, trials, out_dir))
     _print_lines(report.sweep_failures(trials), file=sys.stderr)
     print(f"wrote {out_dir / 'sweep.json'} and {out_dir / 'sweep.md'}")
@@ -521,7 +583,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout, keep_alive=args.keep_alive, max_connections=args.max_connections,
         allowed_hosts=tuple(args.allow_host), docs=args.docs)
     _check_port_free(settings.host, settings.port)
-    serve.run_server(args.run, settings, log_level=args.log_level)
+    serve.run_server(args.run, settings, log_level=args.log_level, trust_code=args.trust_code)
     return 0
 
 
@@ -549,7 +611,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         raise ConfigError("give a run folder or --preset NAME (not both), e.g. `fmnist summary --preset fast`")
     if args.preset is not None:
         preset_settings(args.preset)  # an unknown preset: the usual one-line "did you mean"
-    print(summary(args.preset if args.preset is not None else args.run))
+    print(summary(args.preset if args.preset is not None else args.run, trust_code=args.trust_code))
     return 0
 
 
@@ -619,8 +681,10 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     train_parser.add_argument("-q", "--quiet", action="store_true", help="print nothing while training")
     train_parser.add_argument("--summary", action="store_true",
                               help="print the network layer by layer (as `fmnist summary`) before training")
+    _add_tracking_flags(train_parser)
     _add_data_dir(train_parser)
     _add_setting_flags(train_parser)
+    _add_trust_code(train_parser)
     train_parser.set_defaults(func=_cmd_train)
 
     evaluate_parser = commands.add_parser("evaluate", help="test loss/accuracy, per-class report, confusions",
@@ -629,6 +693,7 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     evaluate_parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     _add_device(evaluate_parser)
     _add_data_dir(evaluate_parser)
+    _add_trust_code(evaluate_parser)
     evaluate_parser.set_defaults(func=_cmd_evaluate)
 
 
@@ -651,6 +716,7 @@ def _add_prediction_commands(commands: argparse._SubParsersAction) -> None:
     predict_parser.add_argument("--show", metavar="PNG", default=None,
                                 help="draw each photo, the 28x28 the model saw and its probabilities")
     _add_data_dir(predict_parser)
+    _add_trust_code(predict_parser)
     predict_parser.set_defaults(func=_cmd_predict)
 
     plot_parser = commands.add_parser("plot", help="draw every figure of a run into RUN/plots",
@@ -666,6 +732,7 @@ def _add_prediction_commands(commands: argparse._SubParsersAction) -> None:
     plot_parser.add_argument("--points", type=int, default=3000,
                              help="test images in the --embedding map (stratified sample; all 10,000 take minutes)")
     _add_data_dir(plot_parser)
+    _add_trust_code(plot_parser)
     plot_parser.set_defaults(func=_cmd_plot)
 
     export_parser = commands.add_parser(
@@ -677,6 +744,7 @@ def _add_prediction_commands(commands: argparse._SubParsersAction) -> None:
     export_parser.add_argument("run", help="run folder")
     export_parser.add_argument("--format", choices=("onnx",), default="onnx", help="file format")
     export_parser.add_argument("--out", metavar="FILE", default=None, help="file to write (default: RUN/model.onnx)")
+    _add_trust_code(export_parser)
     export_parser.set_defaults(func=_cmd_export)
 
 
@@ -694,6 +762,7 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
     sweep_parser.add_argument("--max-concurrent", type=int, default=None,
                               help="trials at once (default: the cores divided by the spec's trial_threads)")
     sweep_parser.add_argument("-q", "--quiet", action="store_true", help="print only the final table")
+    _add_tracking_flags(sweep_parser, register=False)
     _add_data_dir(sweep_parser)
     sweep_parser.set_defaults(func=_cmd_sweep)
 
@@ -708,6 +777,7 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
         formatter_class=_Formatter)
     summary_parser.add_argument("run", nargs="?", default=None, help="run folder")
     summary_parser.add_argument("--preset", default=None, help="show the network a preset trains instead")
+    _add_trust_code(summary_parser)
     summary_parser.set_defaults(func=_cmd_summary)
 
     compare_parser = commands.add_parser("compare", help="metrics of several runs side by side, and their curves",
@@ -755,6 +825,7 @@ def _add_serve_command(commands: argparse._SubParsersAction) -> None:
                               help="serve interactive API docs at /docs (Swagger UI, loaded from a public CDN)")
     serve_parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                               help="uvicorn's access/error log level (info logs every request)")
+    _add_trust_code(serve_parser)
     serve_parser.set_defaults(func=_cmd_serve)
 
 

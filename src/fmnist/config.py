@@ -9,6 +9,7 @@ validating a sweep spec stay fast.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -36,10 +37,62 @@ PositiveInt = Annotated[int, Field(gt=0)]
 Duration = Annotated[Annotated[float, Field(gt=0)] | None, BeforeValidator(parse_duration)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
+# A class as `package.module:Qualified.Name`; `<locals>` parts (a class defined in a function) are allowed so an
+# in-memory run can record any class, and refused where a run folder would need to import it again.
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:(?:[A-Za-z_]\w*|<locals>)(?:\.(?:[A-Za-z_]\w*|<locals>))*")
+
+
+def _import_path(value: Any) -> Any:
+    """A custom network's class as an import path, or a one-line reason why the text is not one."""
+    if isinstance(value, str) and (len(value) > 300 or not _IMPORT_PATH.fullmatch(value)):
+        raise ValueError(f"custom network {short_repr(value)} is not an import path; write it as "
+                         "package.module:Class")
+    return value
+
+
+def _json_value(value: Any, where: str) -> Any:
+    """`value` as plain JSON (tuples become lists), or a `ValueError` naming the first part that is not."""
+    if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return {key: _json_value(item, f"{where}.{key}") for key, item in value.items()}
+    raise ValueError(f"keyword argument {where!r} of the custom network is {type(value).__name__} "
+                     f"{short_repr(value, 40)}; only JSON values (numbers, strings, booleans, null, lists, objects "
+                     "with string keys) can be recorded to rebuild it: pass a plain value and build the object "
+                     "inside the class")
+
+
+def _json_kwargs(value: Any) -> Any:
+    """Keyword arguments that a run folder can write and read back unchanged; not-a-dict is left to the schema."""
+    if not isinstance(value, dict):
+        return value
+    if not all(isinstance(key, str) for key in value):
+        raise ValueError("the custom network's keyword arguments must have string names")
+    return {key: _json_value(item, key) for key, item in value.items()}
+
+
+# One definition of a custom network's two settings, used by TrainConfig and by `CustomNetwork` (model.json).
+ImportPath = Annotated[str, BeforeValidator(_import_path)]
+JsonKwargs = Annotated[dict[str, Any], BeforeValidator(_json_kwargs)]
+
+
+class CustomNetwork(BaseModel):
+    """The config of architecture "custom" in model.json: a network class named by its import path and the
+    keyword arguments that build it, `{"target": "mypkg.nets:TinyNet", "kwargs": {"width": 64}}`. Loading it imports
+    that module, which runs its code: `fmnist.checkpoint` does so only when the caller trusts the run."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    target: ImportPath
+    kwargs: JsonKwargs = Field(default_factory=dict)
+
 
 def _setting(default: Any, help: str, **constraints: Any) -> Any:
     """A field whose `help` becomes its `fmnist train --flag` help line (see `fmnist.cli`)."""
-    factory = {"default_factory": (lambda: list(default))} if isinstance(default, list) else {"default": default}
+    factory = ({"default_factory": (lambda: type(default)(default))} if isinstance(default, (list, dict))
+               else {"default": default})
     return Field(description=help, **factory, **constraints)
 
 
@@ -49,7 +102,14 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
     preset: str = _setting("custom", "the preset these settings started from", max_length=64)
-    model: Literal["mlp", "convnet", "keras-cnn"] = _setting("mlp", "architecture: mlp | convnet | keras-cnn")
+    model: Literal["mlp", "convnet", "keras-cnn", "custom"] = _setting(
+        "mlp", "architecture: mlp | convnet | keras-cnn | custom (your own nn.Module, see --custom)")
+    custom: ImportPath | None = _setting(
+        None, "with --model custom: your network class as package.module:Class, mapping (N,1,28,28) images to "
+              "(N,10) logits; importing it runs its code, so it needs --trust-code")
+    custom_kwargs: JsonKwargs = _setting(
+        {}, "with --model custom: keyword arguments of that class, as a JSON object like '{\"width\": 64}'",
+        json_schema_extra={"flag": "json"})
     hidden: list[Annotated[int, Field(gt=0, le=16384)]] = _setting(
         [128], "MLP hidden layer sizes, e.g. 300,100", min_length=1, max_length=32)
     activation: Literal["relu", "tanh", "sigmoid", "gelu"] = _setting(
@@ -114,6 +174,11 @@ class TrainConfig(BaseModel):
     def _consistent(self) -> TrainConfig:
         if self.monitor.startswith("val_") and not self.validation:
             raise ValueError(f"monitor {self.monitor} needs a validation split; add --validation 5000")
+        if self.model == "custom" and self.custom is None:
+            raise ValueError("model custom needs the network to train: add --custom package.module:Class")
+        if self.model != "custom" and (self.custom is not None or self.custom_kwargs):
+            raise ValueError(f"custom and custom_kwargs describe a network of your own, but model is {self.model}; "
+                             "add --model custom, or drop them")
         return self
 
     def validate(self) -> TrainConfig:  # type: ignore[override]  # pydantic's is a deprecated classmethod
@@ -127,6 +192,9 @@ class TrainConfig(BaseModel):
 
     def architecture(self) -> dict[str, Any]:
         """The `{name, config}` that `create_model` rebuilds the network from."""
+        if self.model == "custom":
+            network = CustomNetwork(target=self.custom, kwargs=self.custom_kwargs)
+            return {"name": "custom", "config": network.model_dump()}
         if self.model == "mlp":
             return {"name": "mlp", "config": {"hidden": list(self.hidden), "dropout": self.dropout,
                                               "activation": self.activation}}
@@ -159,7 +227,7 @@ def _one_line(error: ValidationError, given: dict[str, Any]) -> str:
     if len(location) > 1 or kind in ("too_short", "list_type"):  # an item of a list setting
         return f"setting {name} must be a list of {_item_range(field)}, got {_Short(given.get(name, value))!r}"
     wanted = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-              "string_type": "a string", "missing": "given"}.get(kind)
+              "string_type": "a string", "missing": "given", "dict_type": "a JSON object of names and values"}.get(kind)
     if wanted:
         return f"setting {name} must be {wanted}, got {value!r}"
     bounds = _bounds(field) or {key: context[key] for key in ("gt", "ge", "lt", "le") if key in context}

@@ -542,3 +542,13 @@ def iterate_batches(n: int, batch_size: int, generator=None, shuffle: bool = Tru
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
+
+
+def __getattr__(name: str):
+    """`fmnist.data.FashionMNIST`, the torch `Dataset`, imported on first use: it subclasses a torch class, so it
+    lives in `fmnist.dataset`, and importing this module stays free of torch."""
+    if name == "FashionMNIST":
+        from fmnist.dataset import FashionMNIST
+
+        return FashionMNIST
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

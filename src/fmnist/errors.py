@@ -35,6 +35,11 @@ class ModelFileError(FmnistError):
     """A model file is missing, truncated, not a model, or from another architecture."""
 
 
+class UntrustedCodeError(ModelFileError):
+    """A run folder or config names Python code (a custom network) and the caller did not allow importing it:
+    importing a module runs it, so fmnist does so only with `trust_code=True` (CLI `--trust-code`)."""
+
+
 class ConfigError(FmnistError):
     """A preset, flag or configuration value is invalid."""
 

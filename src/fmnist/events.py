@@ -7,6 +7,7 @@ typed fields instead of dictionary keys. No torch here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class Start:
     device: str
     processes: int
     precision: str
+    run_dir: Path | None = None  # the folder being written now (a staging folder beside the run when overwriting)
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,10 @@ class EpochEnd:
 
 @dataclass(frozen=True)
 class End:
-    """Training and the final measurements are done."""
+    """Training and the final measurements are done (and the run folder, if any, is in its final place)."""
 
     metrics: dict[str, Any]
+    run_dir: Path | None = None  # the finished run folder; None when training wrote none
 
 
 Event = Start | EpochStart | Step | EpochEnd | End

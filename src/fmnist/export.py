@@ -113,18 +113,20 @@ def _torch_to_onnx(module: Any) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, trust_code: bool = False) -> Path:
     """Write the run's model as ONNX (default RUN/model.onnx; a folder `out` gets model.onnx), atomically.
 
     Before anything is written the graph is validated by onnx.checker and compared with the torch model on a
-    few images, so a file that exists is one that answers like `Classifier`.
+    few images, so a file that exists is one that answers like `Classifier`. A run of your own network imports
+    the code it names to rebuild it, which runs that code: only with `trust_code=True` (the ONNX file it writes
+    holds a graph, no code, and loads without it).
     """
     onnx = _require("onnx")
     _require("onnxscript")  # the exporter's back end
     _require("onnxruntime")
     from fmnist.predict import Classifier
 
-    model, meta = load_model(run_dir)
+    model, meta = load_model(run_dir, trust_code=trust_code)
     model_proto = onnx.load_from_string(_torch_to_onnx(_graph_module(model, meta)))
     model_proto.producer_name = "fmnist"
     model_proto.doc_string = "Fashion-MNIST classifier exported by `fmnist export`; see metadata 'preprocessing'."

@@ -102,8 +102,9 @@ def summarize_module(model: nn.Module, title: str | None = None) -> ModelSummary
     return result
 
 
-def summary(target: nn.Module | str | os.PathLike) -> ModelSummary:
-    """The table for a network, a run folder (its saved architecture) or a preset name (the network it trains)."""
+def summary(target: nn.Module | str | os.PathLike, trust_code: bool = False) -> ModelSummary:
+    """The table for a network, a run folder (its saved architecture) or a preset name (the network it trains).
+    A run of your own network imports the code it names, which runs it: only with `trust_code=True`."""
     if isinstance(target, nn.Module):
         return summarize_module(target)
     from fmnist.config import PRESETS, resolve_config
@@ -116,4 +117,8 @@ def summary(target: nn.Module | str | os.PathLike) -> ModelSummary:
     from fmnist.checkpoint import build_model, read_meta
 
     meta = read_meta(target)
-    return summarize_module(build_model(meta), f"{meta.architecture.name}, run {target}")
+    network = build_model(meta, trust_code=trust_code, source=f"run folder {target}")
+    name = meta.architecture.name
+    if name == "custom":  # a validated CustomNetwork config (build_model checked it)
+        name = f"custom {meta.architecture.config['target']}"
+    return summarize_module(network, f"{name}, run {target}")

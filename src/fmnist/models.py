@@ -2,6 +2,8 @@
 
 The dense nets use Keras' default initialisation (Glorot-uniform weights, zero biases) so that the classic
 projects' numbers are comparable. Models return logits; softmax lives in the loss and in `predict`.
+Your own network is the architecture "custom": a class named by import path plus JSON keyword arguments, imported,
+built and checked here (`create_custom`), and imported from a file only when the caller trusts it (`check_trust`).
 """
 
 from __future__ import annotations
@@ -189,9 +191,137 @@ def parameter_count(name: str, **config: Any) -> int:
 
 
 def create_model(name: str, **config: Any) -> nn.Module:
-    """Build an architecture by name from keyword config; a bad name, key, value or size raises `ConfigError`."""
+    """Build an architecture by name from keyword config; a bad name, key, value or size raises `ConfigError`.
+
+    `create_model("custom", target="pkg.mod:Class", kwargs={...})` imports and builds your own network
+    (`create_custom`). Importing runs that module's code: callers that took the name from a file or a config check
+    `check_trust` first."""
+    if name == CUSTOM:
+        unknown = sorted(set(config) - {"target", "kwargs"})
+        if unknown or not isinstance(config.get("target"), str) or not isinstance(config.get("kwargs", {}), dict):
+            raise ConfigError(f"the config of architecture {CUSTOM!r} is {short_repr(config)}; it takes target "
+                              "(package.module:Class) and kwargs (an object)")
+        return create_custom(config["target"], config.get("kwargs"))
     checked = check_config(name, config)
     return ARCHITECTURES[name](**checked.model_dump())
+
+
+# ----------------------------------------------------------------------------------------------- your own network
+CUSTOM = "custom"  # the architecture name of a network given by import path: {"target": ..., "kwargs": ...}
+_PROBE_SHAPE = (2, 1, 28, 28)  # a batch of two: a network that squeezes the batch dimension away shows it
+
+
+def _detail(error: BaseException) -> str:
+    """An exception raised by someone else's code, as a few words for a one-line message."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:160]}".rstrip(": ")
+
+
+def check_trust(target: str, source: str, trust_code: bool) -> None:
+    """Refuse to import a network named by `source` (a run folder, a config) unless the caller trusts it: importing
+    a module runs its code, so a run folder from someone else could run anything on this machine."""
+    from fmnist.errors import UntrustedCodeError
+
+    if not trust_code:
+        raise UntrustedCodeError(f"{source} names code {short_repr(target)}: using it imports that module, which runs "
+                                 "its code; if you trust it, pass --trust-code (Python: trust_code=True)")
+
+
+def import_network(target: str) -> type[nn.Module]:
+    """The `nn.Module` subclass at `target` ("package.module:Class"); each way it can fail is one `ConfigError`."""
+    import importlib
+
+    module_name, _, qualname = target.partition(":")
+    if not module_name or not qualname:
+        raise ConfigError(f"custom network {short_repr(target)} is not an import path; write it as "
+                          "package.module:Class")
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ConfigError(f"custom network {target}: no module named {error.name!r}; install it, or run from the "
+                          "folder that holds it (or add that folder to PYTHONPATH)") from None
+    except Exception as error:  # the module's own code failed as it was imported
+        raise ConfigError(f"custom network {target}: importing {module_name} failed ({_detail(error)})") from None
+    for part in qualname.split("."):
+        if not hasattr(found, part):
+            raise ConfigError(f"custom network {target}: module {module_name} has no {qualname!r}")
+        found = getattr(found, part)
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise ConfigError(f"custom network {target} is a {type(found).__name__}, not a torch.nn.Module subclass")
+    return found
+
+
+def create_custom(target: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Import the class at `target`, build it with `kwargs` and check it (`check_network`). Seed torch first for
+    reproducible weights: the class initialises them as it likes."""
+    network_class = import_network(target)
+    try:
+        network = network_class(**(kwargs or {}))
+    except Exception as error:  # someone else's constructor: any failure is one line
+        raise ConfigError(f"custom network {target}: building it with {short_repr(kwargs or {})} failed "
+                          f"({_detail(error)})") from None
+    check_network(network, target)
+    return network
+
+
+def check_network(network: nn.Module, target: str) -> None:
+    """A network fmnist can train and load: trainable parameters within `MAX_PARAMETERS`, and (2, 10) logits for a
+    (2, 1, 28, 28) batch of blank images (run in eval mode without gradients; its mode is restored)."""
+    total = sum(parameter.numel() for parameter in network.parameters())
+    if total > MAX_PARAMETERS:
+        raise ConfigError(f"custom network {target} has {total:,} parameters, over the limit of {MAX_PARAMETERS:,}; "
+                          "use smaller layers")
+    if not any(parameter.requires_grad for parameter in network.parameters()):
+        raise ConfigError(f"custom network {target} has no trainable parameters")
+    device = next(network.parameters()).device
+    was_training = network.training
+    try:
+        network.eval()
+        with torch.no_grad():
+            output = network(torch.zeros(_PROBE_SHAPE, device=device))
+    except Exception as error:  # someone else's forward pass
+        raise ConfigError(f"custom network {target} fails on a {_PROBE_SHAPE} batch of images "
+                          f"({_detail(error)})") from None
+    finally:
+        network.train(was_training)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if shape != (_PROBE_SHAPE[0], NUM_CLASSES):
+        raise ConfigError(f"custom network {target} maps a {_PROBE_SHAPE} batch to {shape}, not "
+                          f"({_PROBE_SHAPE[0]}, {NUM_CLASSES}) logits; end it with a layer of {NUM_CLASSES} outputs")
+
+
+def network_target(network: nn.Module) -> str:
+    """The import path of a network's class, "module:Qualified.Name", as a run records it."""
+    return f"{type(network).__module__}:{type(network).__qualname__}"
+
+
+def check_reloadable(target: str, network: nn.Module | None = None, kwargs: dict[str, Any] | None = None) -> None:
+    """Refuse, before training, a network a run folder could not rebuild: one defined in `__main__` (a notebook or
+    script) or inside a function cannot be imported again; and a passed `network` must be what its class builds
+    from `kwargs` (same tensors and shapes), since loading the run will build it that way."""
+    module_name, _, qualname = target.partition(":")
+    where = ("in __main__ (a notebook or script)" if module_name == "__main__"
+             else "inside a function" if "<locals>" in qualname else None)
+    if where:
+        raise ConfigError(f"custom network {target} is defined {where}, so the run folder could not import it again "
+                          "to load the run: move the class into a .py module and import it from there, or train in "
+                          "memory (without out_dir)")
+    if network is None:
+        return
+    if import_network(target) is not type(network):
+        raise ConfigError(f"custom network {target} imports another class than the network's own; the module "
+                          "was reloaded or the class replaced: restart and import it once")
+    rebuilt = create_custom(target, kwargs).state_dict()
+    mine = network.state_dict()
+    problem = next((f"tensor {name!r} is {list(tensor.shape)} rebuilt, {list(mine[name].shape)} passed"
+                    for name, tensor in rebuilt.items() if name in mine and tensor.shape != mine[name].shape), None)
+    missing, extra = sorted(set(mine) - set(rebuilt)), sorted(set(rebuilt) - set(mine))
+    if missing or extra:
+        problem = (f"the rebuilt one lacks tensor {missing[0]!r}" if missing
+                   else f"the rebuilt one has an extra tensor {extra[0]!r}")
+    if problem:
+        raise ConfigError(f"{target}(**{short_repr(kwargs or {})}) does not rebuild the network you passed "
+                          f"({problem}); a run folder rebuilds it that way, so pass the keyword arguments it was "
+                          "built with as model_kwargs=, or train in memory (without out_dir)")
 
 
 def count_parameters(model: nn.Module) -> int:

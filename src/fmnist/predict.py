@@ -147,10 +147,15 @@ class Classifier(Predictor):
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
+    def load(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False
+             ) -> Classifier:
         """Load a run folder written by `fmnist train` (safetensors + JSON, nothing executable), checked by one
-        prediction on a blank image (`check`)."""
-        model, meta = load_model(run_dir)
+        prediction on a blank image (`check`).
+
+        A run of your own network (`train(..., model=...)`) names the Python class to rebuild it from; loading it
+        imports that module, which runs its code, so it needs `trust_code=True`: pass it only for runs you trust
+        (yours, or from someone you would run a script from). Without it such a run raises `UntrustedCodeError`."""
+        model, meta = load_model(run_dir, trust_code=trust_code)
         classifier = cls(model, meta, device)
         classifier.run_dir = Path(run_dir)
         classifier.check(str(run_dir))

@@ -816,11 +816,13 @@ def latest_run(root: str | os.PathLike = "runs") -> Path:
     return models[-1].parent
 
 
-def run_server(run_dir: str | os.PathLike, settings: ServeSettings, log_level: str = "info") -> None:
-    """Load the model, check it answers, and serve until Ctrl-C (uvicorn, one process, HTTP/1.1 keep-alive)."""
+def run_server(run_dir: str | os.PathLike, settings: ServeSettings, log_level: str = "info",
+               trust_code: bool = False) -> None:
+    """Load the model, check it answers, and serve until Ctrl-C (uvicorn, one process, HTTP/1.1 keep-alive).
+    A run of your own network imports the code it names, which runs it: only with `trust_code=True`."""
     import uvicorn
 
-    classifier = Classifier.load(run_dir)
+    classifier = Classifier.load(run_dir, trust_code=trust_code)
     app = create_app(classifier, settings)
     accuracy = classifier.meta.metrics.get("test_accuracy")
     shown = f", test accuracy {accuracy:.2%}" if isinstance(accuracy, float) and math.isfinite(accuracy) else ""

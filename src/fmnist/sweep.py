@@ -58,6 +58,7 @@ from fmnist.errors import ConfigError, FmnistError, did_you_mean, short_repr
 from fmnist.files import atomic_write_text, write_json
 from fmnist.hardware import usable_cores
 from fmnist.runs import read_history
+from fmnist.tracking import Fanout
 
 INSTALL_HINT = "pip install 'fmnist[sweep]'"
 Metric = Literal["val_accuracy", "val_loss", "accuracy", "loss"]
@@ -449,9 +450,39 @@ def _trainable(params: dict[str, Any], *, arrays: tuple, settings: dict[str, Any
         elif isinstance(event, EpochStart) and pending:
             report(pending.pop())
 
-    result = train(config, out_dir=run_dir, arrays=arrays, progress=progress)
+    trackers = _trial_trackers(settings.get("tracking"), run_dir.name, arrays)
+    with Fanout(*trackers) as tracker:  # closed before the last report, where Tune may end this process
+        result = train(config, out_dir=run_dir, arrays=arrays,
+                       progress=Fanout(progress, tracker) if trackers else progress)
     if pending:
         report(pending.pop(), test_accuracy=result.metrics["test_accuracy"], finished=True)
+
+
+def _tracking_settings(log: str | list[str] | None, spec: SweepSpec, out_dir: Path) -> dict[str, Any] | None:
+    """What every trial's loggers need (`fmnist sweep --log`): the backends, checked here in one line; the MLflow
+    store resolved here, since trials run in their own working directories (default: beside the sweep folder, as
+    for `fmnist train`); one MLflow experiment per sweep, so its table compares the trials."""
+    from fmnist import tracking
+
+    backends = tracking.parse_backends(log)
+    if not backends:
+        return None
+    tracking.require(backends)
+    return {"backends": backends, "sweep": spec.name,
+            "uri": tracking.default_tracking_uri(out_dir.parent) if "mlflow" in backends else None,
+            "experiment": os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"fmnist-sweep-{spec.name}"}
+
+
+def _trial_trackers(settings: dict[str, Any] | None, trial: str, arrays: tuple) -> list[Any]:
+    """A trial's loggers: TensorBoard in its run folder, an MLflow run named `<sweep>/<trial>` (a trial that ASHA
+    stops keeps its MLflow run RUNNING: Tune ends its process without warning)."""
+    if not settings:
+        return []
+    from fmnist import tracking
+
+    return tracking.loggers(settings["backends"], arrays=arrays, tracking_uri=settings["uri"],
+                            experiment=settings["experiment"], run_name=f"{settings['sweep']}/{trial}",
+                            tags={"fmnist.sweep": settings["sweep"], "fmnist.trial": trial})
 
 
 @contextlib.contextmanager
@@ -560,7 +591,8 @@ def _local_ray(num_cpus: int) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _tune(spec: SweepSpec, trials_dir: Path, arrays: tuple, max_concurrent: int, callbacks: list) -> list[tuple]:
+def _tune(spec: SweepSpec, trials_dir: Path, arrays: tuple, max_concurrent: int, callbacks: list,
+          tracking: dict[str, Any] | None = None) -> list[tuple]:
     """Run the trials with Ray Tune on a private local Ray; return (trial folder name, error or None) per trial."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -568,7 +600,7 @@ def _tune(spec: SweepSpec, trials_dir: Path, arrays: tuple, max_concurrent: int,
 
     cores = usable_cores()
     settings = {"preset": spec.preset, "fixed": spec.fixed, "metric": spec.metric, "threads": spec.trial_threads,
-                "trials": str(trials_dir)}
+                "trials": str(trials_dir), "tracking": tracking}
     scheduler = None
     if spec.asha:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs(), grace_period=spec.asha["grace_period"],
@@ -599,6 +631,7 @@ def run_sweep(
     arrays: tuple | None = None,
     max_concurrent: int | None = None,
     progress: Callable[[events.SweepEvent], None] | None = None,
+    log: str | list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every trial with Ray Tune and write sweep.json, sweep.md and `best`; return the trials, best first.
 
@@ -606,6 +639,7 @@ def run_sweep(
     `max_concurrent` trials run at once (default: the cores divided by `spec.trial_threads`), each with
     `trial_threads` torch threads, so trials never oversubscribe the CPU. On Ctrl-C, Tune stops every trial;
     the report is still written, the trials cut off marked `interrupted` (with their last complete epoch).
+    `log` ("tensorboard", "mlflow" or both, as `fmnist train --log`) tracks every trial (see `fmnist.tracking`).
     """
     _require("ray.tune")
     from fmnist import data
@@ -618,6 +652,7 @@ def run_sweep(
         max_concurrent = default_concurrency(spec.trial_threads)
     if not _is_int(max_concurrent) or max_concurrent < 1:
         raise ConfigError(f"max_concurrent must be a positive integer, got {max_concurrent!r}")
+    tracking = _tracking_settings(log, spec, out_dir)
     if arrays is None:
         arrays = data.load_data(data_dir)
     _check_data_size(spec, arrays)
@@ -626,7 +661,8 @@ def run_sweep(
     started = time.perf_counter()
     params: dict[str, dict[str, Any]] = {}
     ended: set[str] = set()
-    outcomes = _tune(spec, trials_dir, arrays, max_concurrent, [_trial_callback(progress, spec.metric, params, ended)])
+    outcomes = _tune(spec, trials_dir, arrays, max_concurrent, [_trial_callback(progress, spec.metric, params, ended)],
+                     tracking)
     trials = [_collect(trials_dir / name, params.get(name), error, name in ended, arrays, spec)
               for name, error in outcomes]
     trials = rank(trials, spec.mode)

@@ -26,10 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist import checkpoint, data, devices, distributed, evaluate, events, hardware
+from fmnist import checkpoint, data, devices, distributed, evaluate, events, hardware, model_card
 from fmnist.config import DEFAULT_PRESET, PRESETS, TrainConfig, preset_expectations, resolve_config
 from fmnist.errors import ConfigError
-from fmnist.models import count_parameters, create_model
+from fmnist.models import (
+    CUSTOM,
+    check_network,
+    check_reloadable,
+    check_trust,
+    count_parameters,
+    create_model,
+    import_network,
+    network_target,
+)
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "StopRequest", "TrainConfig", "TrainResult", "learning_rate",
            "preset_expectations", "resolve_config", "train"]
@@ -239,12 +248,17 @@ class Loop:
         return self.steps_per_epoch * self.config.epochs
 
 
-def build_loop(config: TrainConfig, train_size: int, group, device: torch.device) -> Loop:
-    """Model, optimiser and seeded generator; the same seed gives the same weights and batches."""
+def build_loop(config: TrainConfig, train_size: int, group, device: torch.device,
+               network: nn.Module | None = None) -> Loop:
+    """Model, optimiser and seeded generator; the same seed gives the same weights and batches. `network` is a
+    model the caller built (`train(model=...)`), trained as it is; otherwise the config's architecture is built
+    after seeding."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    architecture = config.architecture()
-    model = create_model(architecture["name"], **architecture["config"]).to(device)
+    if network is None:
+        architecture = config.architecture()
+        network = create_model(architecture["name"], **architecture["config"])
+    model = network.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
@@ -319,16 +333,19 @@ PROBE_STEPS = 10
 BUDGET_SHARE = 0.85  # of the budget planned for the epochs: on a shared 2-core VM epochs varied by up to 20%
 
 
-def fit_to_budget(config: TrainConfig, tensors: Tensors, group, device: torch.device) -> tuple[TrainConfig, dict]:
+def fit_to_budget(config: TrainConfig, tensors: Tensors, group, device: torch.device,
+                  network: nn.Module | None = None) -> tuple[TrainConfig, dict]:
     """The config with as many epochs as fit `config.budget` seconds on this machine, and what was measured.
 
     A few real training steps run on a throwaway copy of the model (same architecture, batch, precision and
-    augmentation), then one validation pass is timed; the global RNG is restored, so the run itself draws
-    exactly what it would without a budget. Ranks under torchrun agree on the mean of their estimates.
+    augmentation; a copy of `network` when the caller passed one), then one validation pass is timed; the global
+    RNG is restored, so the run itself draws exactly what it would without a budget. Ranks under torchrun agree on
+    the mean of their estimates.
     """
     started = time.perf_counter()
     rng = torch.get_rng_state()
-    probe = build_loop(config, len(tensors.y_train), None, device)
+    probe = build_loop(config, len(tensors.y_train), None, device,
+                       copy.deepcopy(network) if network is not None else None)
     batches = iter(data.iterate_batches(len(tensors.y_train), config.batch_size, torch.Generator().manual_seed(0)))
     step_times = []
     for _ in range(PROBE_WARMUP_STEPS + PROBE_STEPS):
@@ -461,6 +478,9 @@ def train(
     progress: Progress | None = None,
     device: str = "cpu",
     stop: StopRequest | None = None,
+    model: nn.Module | str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    trust_code: bool = False,
 ) -> TrainResult:
     """Train a model; with `out_dir`, write the run folder and a resume checkpoint after every epoch.
 
@@ -475,6 +495,16 @@ def train(
     where the work runs, not part of the run's config, so a run trained on a GPU resumes on a CPU and the other
     way round. The returned model is on the CPU, like a loaded one. Torch's thread count and denormal flushing
     are set for the run and restored afterwards.
+
+    `model` trains a network of your own with all of the above: any `torch.nn.Module` mapping (N, 1, 28, 28)
+    float images to (N, 10) logits, given as an instance (trained in place and returned as `result.model`; its
+    weights are whatever you initialised, the seed drives batches, augmentation and dropout) or as an import path
+    "package.module:Class" (built with `model_kwargs` after seeding: same seed, same weights). The run records the
+    class's import path and `model_kwargs` (JSON values only) as the config's `custom` and `custom_kwargs`, so with
+    `out_dir` it must be importable again: a class defined in `__main__` (a notebook or script) is refused before
+    training, and an instance must be what `Class(**model_kwargs)` builds. Loading such a run imports that module,
+    which runs its code, so it needs `trust_code=True` (`Classifier.load`, `resume` here); so does a config that
+    names its own network (`model="custom"`: it may come from a file). A network passed as `model=` is trusted.
     """
     if resume is not None:
         out_dir = Path(resume)
@@ -486,28 +516,60 @@ def train(
         config = resolve_config(overrides.pop("preset", DEFAULT_PRESET), overrides)
     else:
         config.validate()
+    config, network = own_network(config, model, model_kwargs, trust_code, out_dir, resume)
     where = devices.resolve_device(device, devices.node_position())
     group = distributed.setup(config.threads, where)
     try:
         with torch_settings(config.threads), (stop or StopRequest()).on_signals() as stopper:
             return _train(config, Path(out_dir) if out_dir is not None else None, arrays, data_dir,
-                          resume is not None, progress, group, where, stopper)
+                          resume is not None, progress, group, where, stopper, network)
     finally:
         distributed.teardown(group)
 
 
+def own_network(config: TrainConfig, model: nn.Module | str | None, model_kwargs: dict[str, Any] | None,
+                trust_code: bool, out_dir: str | Path | None, resume: str | Path | None
+                ) -> tuple[TrainConfig, nn.Module | None]:
+    """The config that records your own network (see `train`), and the instance to train when one was passed.
+    Every refusal (untrusted code, an import that fails, a wrong output shape, a class a run folder could not
+    import again) comes here, before any data is loaded."""
+    if model is None and model_kwargs is not None:
+        raise ConfigError("model_kwargs= goes with model=; a config names its network's arguments in custom_kwargs")
+    if model is None and config.model != CUSTOM:
+        return config, None
+    network = None
+    if model is None:  # the config names the code: it may come from a file
+        check_trust(config.custom, f"run folder {resume}" if resume is not None else "the config", trust_code)
+    elif resume is not None:
+        raise ConfigError("resume rebuilds the network its run folder names; do not pass model=")
+    elif isinstance(model, (nn.Module, str)):
+        network = model if isinstance(model, nn.Module) else None
+        config = TrainConfig(**{**config.to_dict(), "model": CUSTOM, "custom_kwargs": model_kwargs or {},
+                                "custom": network_target(model) if network is not None else model})
+    else:
+        raise ConfigError(f"model= takes a torch.nn.Module or an import path 'package.module:Class', not a "
+                          f"{type(model).__name__}")
+    if network is not None:
+        check_network(network, config.custom)
+    else:
+        import_network(config.custom)  # fails before the data loads; build_loop builds it after seeding
+    if out_dir is not None:
+        check_reloadable(config.custom, network, config.custom_kwargs)
+    return config, network
+
+
 def _train(config: TrainConfig, run_dir: Path | None, arrays, data_dir, resuming: bool, progress: Progress | None,
-           group, device: torch.device, stop: StopRequest) -> TrainResult:
+           group, device: torch.device, stop: StopRequest, network: nn.Module | None = None) -> TrainResult:
     distributed.check_batch(group, config.batch_size)
     main = group is None or group.main
     emit = (progress if main else None) or (lambda event: None)
     tensors = prepare_tensors(config, arrays, data_dir, device)
     budget = None
     if config.budget and not resuming:  # a resumed run keeps the epochs its budget chose
-        config, budget = fit_to_budget(config, tensors, group, device)
+        config, budget = fit_to_budget(config, tensors, group, device, network)
         log.info("budget %.0f s: %d epochs of about %.1f s", budget["seconds"], budget["epochs"],
                  budget["epoch_seconds_estimate"])
-    loop = build_loop(config, len(tensors.y_train), group, device)
+    loop = build_loop(config, len(tensors.y_train), group, device, network)
     if main and not resuming:
         warn_if_too_short(config, loop.steps_per_epoch * config.epochs)
     state = RunState()
@@ -525,7 +587,7 @@ def _train(config: TrainConfig, run_dir: Path | None, arrays, data_dir, resuming
             checkpoint.write_config(folder, config)
             result = _fit_and_write(loop, tensors, state, budget, folder, stop, emit)
         result.run_dir = run_dir
-    emit(events.End(result.metrics))
+    emit(events.End(result.metrics, result.run_dir))
     return result
 
 
@@ -547,7 +609,7 @@ def _fit_and_write(loop: Loop, tensors: Tensors, state: RunState, budget: dict |
     config = loop.config
     emit(events.Start(config, loop.steps_per_epoch, config.epochs, count_parameters(loop.model),
                       len(tensors.y_train), state.epoch, devices.describe(loop.device),
-                      loop.group.world if loop.group else 1, loop.precision))
+                      loop.group.world if loop.group else 1, loop.precision, run_dir))
     run_epochs(loop, tensors, state, run_dir, stop, emit)
     calibration = calibrate(loop.model, tensors.x_val, tensors.y_val)
     metrics = final_metrics(loop, tensors, state, calibration)
@@ -576,6 +638,10 @@ def final_metrics(loop: Loop, tensors: Tensors, state: RunState, calibration: ch
     if config.tta:
         metrics["test_loss_tta"], metrics["test_accuracy_tta"] = evaluate.loss_and_accuracy(
             model, tensors.x_test, tensors.y_test, tta=True)
+    # Per-class scores of the plain test predictions, the one place they are computed for a run: metrics.json and
+    # the model card (README.md) both show these numbers.
+    report = evaluate.classification_report(F.softmax(logits, 1).numpy(), tensors.y_test.numpy())
+    metrics.update(train_size=len(tensors.y_train), macro_f1=report["macro_f1"], per_class=report["per_class"])
     if state.history and "val_accuracy" in state.history[-1]:
         metrics["val_accuracy"], metrics["val_loss"] = state.history[-1]["val_accuracy"], state.history[-1]["val_loss"]
     metrics.update(device=devices.describe(loop.device), processes=loop.group.world if loop.group else 1,
@@ -619,11 +685,12 @@ def run_meta(config: TrainConfig, metrics: dict[str, Any],
 
 def write_run(run_dir: Path, model: nn.Module, config: TrainConfig, history: list[dict[str, Any]],
               metrics: dict[str, Any], calibration: checkpoint.Calibration | None = None) -> None:
-    """The run folder: history.csv, metrics.json and the model pair, each written atomically. An earlier model.json
-    (a resumed run's last save) goes first and the new one is written last, so a kill between the writes leaves no
-    model rather than new weights or metrics under old metadata."""
+    """The run folder: history.csv, metrics.json, the model card (README.md) and the model pair, each written
+    atomically. An earlier model.json (a resumed run's last save) goes first and the new one is written last, so a
+    kill between the writes leaves no model rather than new weights, metrics or card under old metadata."""
     meta = run_meta(config, metrics, calibration)
     (run_dir / checkpoint.META_FILE).unlink(missing_ok=True)
     checkpoint.write_history(run_dir, history)
     checkpoint.write_metrics(run_dir, metrics)
+    model_card.write(run_dir, meta, metrics, history)
     checkpoint.save_model(model, run_dir, meta)
