@@ -50,11 +50,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, settings
 
 
-def run_one(preset: str, settings: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
-    """One training in a fresh process; its metrics.json, reduced to what the study compares."""
+def run_one(preset: str, settings: dict[str, Any], seed: int, workdir: Path, out: Path) -> dict[str, Any]:
+    """One training in a fresh process into `out`; its metrics.json, reduced to what the study compares."""
     config = workdir / "config.json"
     config.write_text(json.dumps(settings))
-    out = workdir / "run"
     command = [*FMNIST, "train", "--preset", preset, "--config", str(config), "--seed", str(seed),
                "--out", str(out), "--overwrite", "--quiet"]
     subprocess.run(command, check=True, cwd=ROOT)
@@ -90,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=JSON")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep every run folder as DIR/<variant>-seed<N> (default: a temporary folder)")
     args = parser.parse_args(argv)
     variants = [("baseline", {}), *args.variant]
     try:
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
               "rows": [], "table": ""}
     with tempfile.TemporaryDirectory() as workdir:
         for name, settings in variants:
-            runs = [run_one(args.preset, settings, seed, Path(workdir)) for seed in range(args.seeds)]
+            runs = [run_one(args.preset, settings, seed, Path(workdir),
+                            (args.keep or Path(workdir)) / f"{name}-seed{seed}") for seed in range(args.seeds)]
             record["rows"].append(summarise(name, settings, runs))
             record["table"] = table(args.preset, record["rows"])
             write_json(path, record)  # after every variant: a study stopped early keeps what it measured
