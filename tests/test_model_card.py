@@ -88,7 +88,7 @@ def test_the_numbers_are_those_of_metrics_json(card, metrics):
     results = dict(table_rows(section(card, "Results")))
     assert results["test accuracy"] == f"{metrics['test_accuracy']:.4f}"
     assert results["test loss"] == f"{metrics['test_loss']:.4f}"
-    assert results["test accuracy, flip TTA"] == f"{metrics['test_accuracy_tta']:.4f}"
+    assert results["test accuracy, TTA (flips, 1-pixel shifts)"] == f"{metrics['test_accuracy_tta']:.4f}"
     assert results["validation accuracy (last epoch)"] == f"{metrics['val_accuracy']:.4f}"
     rows = table_rows(section(card, "Per-class scores"))
     assert [row[0] for row in rows] == list(CLASS_NAMES)
@@ -209,7 +209,8 @@ def test_render_with_calibration_and_tta():
     card = model_card.render(hand_made_meta(calibration), metrics, [], "runs/fast")
     values = front_matter(card)
     assert [m["value"] for m in values["model-index"][0]["results"][0]["metrics"]] == [0.93125, 0.9351]
-    assert "| test accuracy, flip TTA | 0.9351 |" in card and "| validation accuracy (last epoch) | 0.9320 |" in card
+    assert "| test accuracy, TTA (flips, 1-pixel shifts) | 0.9351 |" in card
+    assert "| validation accuracy (last epoch) | 0.9320 |" in card
     assert "T = 1.2345" in card and "0.1090 before, 0.0070 after" in card
     assert "| Shirt | 0.8000 | 0.7600 | 0.7796 | 1000 |" in card
     assert "weakest class of this run is Shirt (F1 0.7796)" in card

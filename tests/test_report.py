@@ -81,7 +81,7 @@ def test_evaluation_lines_report_an_uncalibrated_run():
     assert lines[1] == "probabilities not calibrated (the run had no validation split)"
     assert f"{'Bag':<14}     0.950     0.900     0.925     1000" in lines
     assert lines[-1] == "         Shirt -> T-shirt/top   120 images"
-    assert lines[2] == "test loss 0.3000  test accuracy 0.9000  (flip TTA: loss 0.2900, accuracy 0.9100)"
+    assert lines[2] == "test loss 0.3000  test accuracy 0.9000  (TTA: loss 0.2900, accuracy 0.9100)"
     assert report.evaluation_lines("m", {**result, "tta": None})[2] == "test loss 0.3000  test accuracy 0.9000"
 
 

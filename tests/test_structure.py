@@ -104,8 +104,20 @@ def test_preprocess_scales_uint8_and_float_alike_without_touching_the_input():
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, (torch.from_numpy(pixels).float() / 255 - mean).div(std).unsqueeze(1))
     np.testing.assert_array_equal(as_float, pixels.astype(np.float32) / 255)  # the caller's array is unchanged
-    flipped = data.tta_views(pixels)[1]
-    np.testing.assert_array_equal(data.preprocess(flipped), data.tta_views(data.preprocess(pixels))[1])
+    for on_pixels, on_inputs in zip(data.tta_views(pixels), data.tta_views(data.preprocess(pixels)), strict=True):
+        np.testing.assert_array_equal(data.preprocess(on_pixels), on_inputs)  # NumPy (ONNX) and torch agree
+
+
+def test_the_test_time_views_are_mirror_and_one_pixel_shifts():
+    image = np.arange(1, 17, dtype=np.uint8).reshape(1, 4, 4)
+    views = data.tta_views(image)
+    assert len(views) == len(data.TTA_WEIGHTS) == 10 and abs(sum(data.TTA_WEIGHTS) - 1) < 1e-12
+    np.testing.assert_array_equal(views[1], image[..., ::-1])
+    down = data.shift(image, 1, 0)  # moved down one row: the top row repeats into the gap
+    np.testing.assert_array_equal(down[0, 1:], image[0, :-1])
+    np.testing.assert_array_equal(down[0, 0], image[0, 0])
+    left = data.shift(torch.from_numpy(image).float()[None], 0, -1)[0]  # torch, (n, 1, h, w)
+    np.testing.assert_array_equal(left[0, :, :-1].numpy(), image[0, :, 1:])
 
 
 def test_stop_request_ends_a_run_after_its_last_complete_epoch(tmp_path):
@@ -136,14 +148,42 @@ def test_listing_runs_does_not_load_torch(calibrated_run):
 
 
 def test_a_budget_chooses_the_epochs_and_records_them(tmp_path):
-    config = resolve_config("classic-adam", {"budget": "2s", "hidden": [16], "validation": 100})
-    assert config.budget == 2.0
+    config = resolve_config("classic-adam", {"budget": "6s", "hidden": [16], "validation": 100})
+    assert config.budget == 6.0
     result = training.train(config, arrays=tiny_arrays(), out_dir=tmp_path / "run")
     plan = result.metrics["budget"]
-    assert plan["seconds"] == 2.0 and plan["epochs"] >= 1 and plan["step_ms"] > 0
+    assert plan["seconds"] == 6.0 and plan["epochs"] >= 1 and plan["step_ms"] > 0
     assert result.config.epochs == plan["epochs"] == result.metrics["epochs_planned"]
     saved = json.loads((tmp_path / "run" / checkpoint.CONFIG_FILE).read_text())
-    assert saved["epochs"] == plan["epochs"] and saved["budget"] == 2.0
+    assert saved["epochs"] == plan["epochs"] and saved["budget"] == 6.0
+
+
+def test_the_first_epoch_resizes_a_plan_the_probe_got_wrong(tmp_path, monkeypatch):
+    """A probe that guessed 20 s per epoch planned 1 epoch; the real first epoch takes a fraction of a second, so
+    the run re-plans to fill the budget, and config, plan, history and config.json agree on the new length."""
+    probe = training.fit_to_budget
+
+    def pessimistic(config, *args, **kwargs):
+        config, plan = probe(config, *args, **kwargs)
+        plan.update(epochs=1, epoch_seconds_estimate=20.0)
+        return config.model_copy(update={"epochs": 1}), plan
+
+    monkeypatch.setattr(training, "fit_to_budget", pessimistic)
+    config = resolve_config("classic-adam", {"budget": "6s", "hidden": [16], "validation": 100})
+    result = training.train(config, arrays=tiny_arrays(), out_dir=tmp_path / "run")
+    plan = result.metrics["budget"]
+    assert plan["replanned"]["epochs_from_probe"] == 1 and plan["replanned"]["after_epoch"] == 1
+    assert plan["epochs"] > 1 and result.config.epochs == plan["epochs"] == len(result.history)
+    assert result.metrics["epochs_planned"] == plan["epochs"]
+    saved = json.loads((tmp_path / "run" / checkpoint.CONFIG_FILE).read_text())
+    assert saved["epochs"] == plan["epochs"]
+
+
+def test_a_budget_too_short_for_one_epoch_is_refused(capsys):
+    code = main(["train", "--preset", "fast", "--train-subset", "6000", "--budget", "1s", "--quiet"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert "is too short for one epoch here" in error and "--budget" in error
 
 
 @pytest.mark.parametrize("text,seconds", [("3m", 180.0), ("90s", 90.0), ("1h30m", 5400.0), ("45", 45.0)])

@@ -139,7 +139,7 @@ class TrainConfig(BaseModel):
     flip: bool = _setting(False, "random horizontal flips")
     translate: int = _setting(0, "random shifts by up to N pixels", ge=0, le=8)
     erase: Fraction = _setting(0.0, "random erasing of a square this fraction of the side (half the images)")
-    tta: bool = _setting(False, "also report flip test-time augmentation on the test set")
+    tta: bool = _setting(False, "also report test-time augmentation (flips, 1-pixel shifts) on the test set")
     stop_at: float | None = _setting(None, "stop as soon as the monitored metric reaches this value")
     patience: int = _setting(0, "stop after N epochs without improvement, restoring the best weights", ge=0,
                              le=1_000_000)

@@ -1,8 +1,8 @@
 """Loss, accuracy, per-class precision/recall/F1, confusion matrix and the most-confused pairs.
 
 Metrics come from scikit-learn (a trusted implementation) over probabilities computed here in batches,
-in eval mode under `torch.inference_mode()`. Flip test-time augmentation averages the probabilities of each
-image and its mirror image (valid for clothing, which is left-right symmetric in the dataset's sense).
+in eval mode under `torch.inference_mode()`. Test-time augmentation averages the probabilities of each image, its
+mirror image (valid for clothing, which is left-right symmetric in the dataset's sense) and 1-pixel shifts of both.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from fmnist.data import CLASS_NAMES
 
 def class_probabilities(model: nn.Module, batch: torch.Tensor, temperature: float = 1.0,
                         tta: bool = False) -> torch.Tensor:
-    """softmax(model(batch) / temperature), averaged over the flip views with `tta`: the one TTA rule."""
-    views = data.tta_views(batch) if tta else [batch]
-    return sum(F.softmax(model(view).float() / temperature, dim=1) for view in views) / len(views)
+    """softmax(model(batch) / temperature), averaged over the weighted test-time views with `tta`: the one TTA
+    rule (`fmnist.data.tta_views`)."""
+    if not tta:
+        return F.softmax(model(batch).float() / temperature, dim=1)
+    return sum(weight * F.softmax(model(view).float() / temperature, dim=1)
+               for view, weight in zip(data.tta_views(batch), data.TTA_WEIGHTS, strict=True))
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256, tta: bool = False) -> torch.Tensor:

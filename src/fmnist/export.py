@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fmnist.checkpoint import RunMeta, load_model, parse_meta
-from fmnist.data import tta_views
+from fmnist.data import TTA_WEIGHTS, tta_views
 from fmnist.errors import FmnistError, ModelFileError
 from fmnist.files import atomic_write_bytes
 from fmnist.hardware import usable_cores
@@ -218,7 +218,7 @@ class OnnxClassifier(Predictor):
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 1000, tta: bool = False,
                       calibrated: bool = True) -> np.ndarray:
-        """Softmax probabilities, shape (n, 10); `tta` averages each image with its mirror image.
+        """Softmax probabilities, shape (n, 10); `tta` averages the test-time views (`fmnist.data.tta_views`).
 
         Calibrated probabilities come straight from the graph; uncalibrated ones are the softmax of its logits.
         """
@@ -231,4 +231,4 @@ class OnnxClassifier(Predictor):
         else:
             results = [torch.softmax(torch.from_numpy(self._run(view, "logits", batch_size)), 1).numpy()
                        for view in views]
-        return sum(results) / len(results)
+        return sum(weight * result for weight, result in zip(TTA_WEIGHTS, results, strict=True)) if tta else results[0]

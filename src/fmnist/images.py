@@ -2,9 +2,12 @@
 
 The dataset was made from product photos: trimmed, longest edge resized to 28, padded and centred, negated (light
 garment on black), 8-bit gray. A user's photo is the opposite (a dark garment on a light background, off-centre, in
-colour, maybe rotated by EXIF), so `prepare()` repeats the dataset's recipe step by step:
+colour, maybe rotated by EXIF, lit unevenly, noisy), so `prepare()` repeats the dataset's recipe step by step:
 
-    load -> gray -> shrink -> invert (light garment), darken the background -> trim -> fit to 28x28 -> match intensity
+    load -> gray -> shrink -> flatten the background (black and even, light garment) -> trim -> straighten -> trim
+    -> fit to 28x28 -> match intensity
+
+See docs/photos.md for what each step buys on phone-like photos (benchmarks/photos.py).
 
 Every step is a small public function so a page or a notebook can show the intermediate images. Every problem
 with an image raises `ImageError` with one line that names the file, the problem and the fix.
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from fmnist.errors import ImageError
 
@@ -49,6 +52,23 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # Pillow's form
 # A garment must stand out from the background by at least this many gray levels: JPEG noise on a plain
 # background is a few levels, so anything weaker is treated as an empty photo rather than stretched into noise.
 MIN_CONTRAST = 24
+# With noise, a pixel is garment only when it stands out by this many noise levels (the spread of the border around
+# the fitted background, measured after a 3x3 mean): at 4, noise alone passes for about 1 pixel in 30,000, too few to
+# fill the few pixels per row or column that `trim` asks for.
+NOISE_LEVELS = 4.0
+# The background's light is fitted to at most this many border pixels, taken evenly: six numbers need no more, and the
+# fit then costs the same for any photo.
+_SURFACE_SAMPLES = 8192
+# Below this short side the border frame is a pixel wide and next to the garment: one level (the median) is safer.
+_SURFACE_MIN_SIDE = 32
+# A spread under one gray level is the rounding of a clean image to integers, not noise: such a photo keeps the
+# noiseless path (no coring, no 3x3 mean before trimming), exactly as before noise was measured.
+_NOISE_FLOOR = 1.0
+# straighten: garments are photographed roughly upright; tilts up to this many degrees are searched, in 0.25 steps,
+# and one under the smaller angle is left alone (not worth a resampling).
+STRAIGHTEN_MAX_DEGREES = 10.0
+_STRAIGHTEN_STEP = 0.25
+_STRAIGHTEN_MIN_DEGREES = 0.5
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 _REDUCING_GAP = 3.0  # fit_to_canvas: box-reduce first until the last LANCZOS step shrinks at most 3x (Pillow's rule)
@@ -423,21 +443,188 @@ def darken_background(gray: np.ndarray) -> np.ndarray:
     return np.clip(gray.astype(np.int16) - level, 0, 255).astype(np.uint8)
 
 
-def trim(gray: np.ndarray, threshold: float = 0.1, margin: float = 0.0) -> np.ndarray:
+def _frame(shape: tuple[int, int]) -> np.ndarray:
+    """Where `_border`'s frame lies, as a boolean mask: the surface fit needs the positions of its pixels."""
+    height, width = shape
+    side = max(1, min(height, width) // 32)
+    frame = np.ones(shape, bool)
+    if 2 * side < min(height, width):
+        frame[side:-side, side:-side] = False
+    return frame
+
+
+def _spread(values: np.ndarray) -> float:
+    """A robust standard deviation (1.4826 x the median absolute deviation): a garment touching the border, or a
+    speck, does not inflate it the way it would the plain standard deviation."""
+    return 1.4826 * float(np.median(np.abs(values - np.median(values)))) if values.size else 0.0
+
+
+def _quadratic(coefficients: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """c0 + c1 x + c2 y + c3 x^2 + c4 y^2 + c5 xy: a gradient in any direction plus a vignette (light falling off
+    towards the edges, or a lamp's hot spot), the shapes of uneven light over a photo."""
+    c = coefficients
+    return c[0] + c[1] * x + c[2] * y + c[3] * x * x + c[4] * y * y + c[5] * x * y
+
+
+def _fit_surface(x: np.ndarray, y: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """Least squares of `_quadratic` through border samples at x, y (-1..1): its coefficients, its values at the
+    samples kept, and the noise (spread of those samples around it); None when most samples do not fit.
+
+    Refitted twice without the samples more than 3 noise levels off, so a garment that touches the border (a
+    sleeve, a strap) does not tilt the surface. Six normal equations: the cost is that of the samples.
+    """
+    design = np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], axis=1)
+    keep = np.ones(values.size, bool)
+    coefficients, noise = np.zeros(6), 0.0
+    for _ in range(3):
+        chosen = design[keep]
+        normal = chosen.T @ chosen + 1e-6 * np.eye(6)  # the ridge only keeps a degenerate frame solvable
+        coefficients = np.linalg.solve(normal, chosen.T @ values[keep])
+        residual = values - design @ coefficients
+        noise = _spread(residual[keep])
+        keep = np.abs(residual) <= max(3 * noise, 2.0)
+        if keep.mean() < 0.5:
+            return None
+    return coefficients, design[keep] @ coefficients, noise
+
+
+def background_surface(gray: np.ndarray) -> tuple[np.ndarray, float]:
+    """The background's gray level at every pixel (float32), fitted to the border, and the noise around it.
+
+    A phone photo's background is rarely one level: light from a window falls off across it, the lens darkens the
+    corners, so subtracting one level leaves one side gray, which `trim` then takes for garment and the model sees
+    as a haze. A smooth surface (`_quadratic`) fitted to the border follows the light instead. Its reach inside the
+    photo is clipped to the border's own range widened by that range again (a vignette's bright centre is about
+    that far above its border), so a poor fit cannot run away. Small images use the border median, as before.
+    """
+    height, width = gray.shape
+    rows, cols = np.nonzero(_frame(gray.shape))
+    step = -(-rows.size // _SURFACE_SAMPLES)
+    rows, cols = rows[::step], cols[::step]
+    values = gray[rows, cols].astype(np.float64)
+    fit = None
+    if min(height, width) >= _SURFACE_MIN_SIDE:
+        fit = _fit_surface(cols / (width - 1) * 2 - 1, rows / (height - 1) * 2 - 1, values)
+    if fit is None:
+        level = float(np.median(values))
+        return np.full(gray.shape, level, np.float32), _spread(values)
+    coefficients, fitted, noise = fit
+    x = np.linspace(-1, 1, width, dtype=np.float32)[None, :]
+    y = np.linspace(-1, 1, height, dtype=np.float32)[:, None]
+    surface = _quadratic(coefficients.astype(np.float32), x, y)
+    low, high = float(fitted.min()), float(fitted.max())
+    reach = high - low + 2 * noise
+    return np.clip(surface, low - reach, high + reach).astype(np.float32), noise
+
+
+def garment_is_darker(gray: np.ndarray, surface: np.ndarray, noise: float) -> bool:
+    """Whether the garment is darker than the background around it (so the photo needs negating).
+
+    `border_is_light` compares the border with the middle of the image's range, and a vignette or a gradient can
+    darken a light background's border below the middle of a faint garment's range: the photo was then not
+    negated and came out blank (1 of 2,000 photos in benchmarks/photos.py). Against the fitted background
+    (`background_surface`) a garment stands out below it or above it; the side holding more contrast wins.
+    """
+    deviation = gray - surface
+    level = max(3 * noise, 2.0)
+    below = float(np.clip(-deviation - level, 0, None).sum())
+    above = float(np.clip(deviation - level, 0, None).sum())
+    return below > above
+
+
+def flatten_background(gray: np.ndarray, light: bool | None = None) -> tuple[np.ndarray, bool, float]:
+    """The photo as the dataset holds it, a light garment on an even black; whether it was negated; its noise level
+    in the result's units.
+
+    A photo is light times reflectance. On a light background (`light`, by default `garment_is_darker`) the garment
+    is 255 x (1 - photo / background): its darkness against what the background would be at that spot, so a
+    gradient, a vignette or coloured light (which scale background and garment alike) cancel, and the background
+    is 0 wherever it lies. On a dark background the garment is the light part: the surface is subtracted. Last,
+    the noise level is subtracted (coring): otherwise the half of the background's noise above the surface
+    survives the clip at 0 as a haze, about 0.4 noise levels, that no later step removes. A photo whose spread is
+    under `_NOISE_FLOOR` counts as noiseless (noise 0).
+    """
+    surface, noise = background_surface(gray)
+    noise = noise if noise >= _NOISE_FLOOR else 0.0
+    light = garment_is_darker(gray, surface, noise) if light is None else light
+    if light:
+        np.maximum(surface, 1.0, out=surface)
+        flat = 255.0 * (surface - gray) / surface
+        noise *= 255.0 / float(surface.mean())
+    else:
+        flat = gray - surface
+    flat -= noise
+    return np.clip(np.rint(flat), 0, 255).astype(np.uint8), light, noise
+
+
+def _garment_mask(gray: np.ndarray, level: float, noise: float) -> np.ndarray:
+    """Pixels above `level`, and above `NOISE_LEVELS` x `noise` measured on a 3x3 mean when there is noise.
+
+    The 3x3 mean divides independent noise by 3 and moves an edge by a pixel (a few hundredths of a final pixel),
+    so noise stops passing for garment without raising the threshold into the garment's faint parts.
+    """
+    if noise <= 0:
+        return gray > level
+    smooth = np.asarray(Image.fromarray(gray).filter(ImageFilter.BoxBlur(1)))
+    return smooth > max(level, NOISE_LEVELS * noise / 3)
+
+
+def _tilt(mask: np.ndarray) -> float:
+    """The angle (degrees, Pillow's sense) that turns the garment upright: the one whose bounding box is smallest.
+
+    Dataset garments are upright and trimmed to their box: trouser legs, sides, hems and soles run along the axes,
+    and any tilt makes the box larger. Only each row's outermost pixels are turned (a shape's box is that of its
+    convex hull, whose corners are among them), so each of the 81 angles costs a pass over a few thousand points.
+    A tie goes to the smaller turn.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size < 8:
+        return 0.0
+    inside = mask[rows]
+    left = inside.argmax(axis=1)
+    right = inside.shape[1] - 1 - inside[:, ::-1].argmax(axis=1)
+    y = np.concatenate([rows, rows]).astype(np.float64)
+    x = np.concatenate([left, right]).astype(np.float64)
+    degrees = np.arange(-STRAIGHTEN_MAX_DEGREES, STRAIGHTEN_MAX_DEGREES + 1e-9, _STRAIGHTEN_STEP)
+    cos, sin = np.cos(np.deg2rad(degrees))[:, None], np.sin(np.deg2rad(degrees))[:, None]
+    along, across = x * cos + y * sin, y * cos - x * sin
+    area = (np.ptp(along, axis=1) + 1) * (np.ptp(across, axis=1) + 1)
+    return float(degrees[np.lexsort((np.abs(degrees), area))[0]])
+
+
+def straighten(crop: np.ndarray, threshold: float = 0.1, noise: float = 0.0) -> np.ndarray:
+    """Turn a trimmed garment upright (up to `STRAIGHTEN_MAX_DEGREES`) and trim it again, as the dataset's are.
+
+    A phone is rarely held square to the garment, and a few degrees of tilt cost the classifier several points
+    (docs/photos.md). `crop` is `trim`'s output on a `flatten_background` image (background 0); the garment is
+    found as in `trim` (`threshold`, `noise`). A tilt under half a degree is left alone, so an upright photo is
+    not resampled; otherwise the crop, padded with black so `trim` sees background all round, is turned.
+    """
+    peak = float(crop.max())
+    angle = _tilt(_garment_mask(crop, threshold * peak, noise))
+    if abs(angle) < _STRAIGHTEN_MIN_DEGREES:
+        return crop
+    padded = np.pad(crop, 2 + max(crop.shape) // 16)
+    turned = np.asarray(Image.fromarray(padded).rotate(angle, Image.Resampling.BICUBIC, expand=True, fillcolor=0))
+    return trim(turned, threshold, noise=noise)
+
+
+def trim(gray: np.ndarray, threshold: float = 0.1, margin: float = 0.0, noise: float = 0.0) -> np.ndarray:
     """Crop to the garment, because the dataset scaled each garment's own box (not the photo) to 28 pixels.
 
     A pixel is garment when it is above the background (border median) by `threshold` of the way to the brightest
     pixel. The dataset trimmed at 5% of the range, on studio photos; phone photos are noisier, so 10% (measured to
-    recover the originals as well: see tests/test_images.py). On large images a row or column needs a few such
-    pixels, so specks do not stretch the box. `margin` (a fraction of the box's long side, none in the dataset)
-    is added on every side.
+    recover the originals as well: see tests/test_images.py). With a `noise` level (`flatten_background`'s) it must
+    also stand out from the noise (`_garment_mask`). On large images a row or column needs a few such pixels, so
+    specks do not stretch the box. `margin` (a fraction of the box's long side, none in the dataset) is added on
+    every side.
     """
     background = float(np.median(_border(gray)))
     peak = float(gray.max())
     if peak - background < MIN_CONTRAST:
         raise ImageError("the image looks empty: no garment stands out from the background; "
                          "photograph the garment on a plain, contrasting background")
-    mask = gray > background + threshold * (peak - background)
+    mask = _garment_mask(gray, background + threshold * (peak - background), noise)
     min_count = 1 + min(gray.shape) // 200
     rows = np.flatnonzero(mask.sum(axis=1) >= min_count)
     cols = np.flatnonzero(mask.sum(axis=0) >= min_count)
@@ -578,9 +765,8 @@ def prepare(source: Source, *, name: str | None = None, max_pixels: int = DEFAUL
         gray = shrink(gray)
         if looks_like_dataset_image(gray):
             return Prepared(gray, original, {"gray": gray, "final": gray}, False, True, label)
-        inverted, was_inverted = invert_if_light_background(gray)
-        inverted = darken_background(inverted)
-        trimmed = trim(inverted)
+        inverted, was_inverted, noise = flatten_background(gray)
+        trimmed = straighten(trim(inverted, noise=noise), noise=noise)
         resized = fit_to_canvas(trimmed)
         final = match_intensity(resized)
     except ImageError as error:

@@ -88,10 +88,10 @@ def _test_set_words(metrics: Mapping[str, Any], config: Mapping[str, Any]) -> st
 
 
 def _front_matter(metrics: Mapping[str, Any], name: str) -> str:
-    """License, tags, dataset and a `model-index` with the test accuracy (and flip-TTA accuracy when measured)."""
+    """License, tags, dataset and a `model-index` with the test accuracy (and TTA accuracy when measured)."""
     results = [("Test accuracy", metrics.get("test_accuracy"))]
     if "test_accuracy_tta" in metrics:
-        results.append(("Test accuracy, flip TTA", metrics["test_accuracy_tta"]))
+        results.append(("Test accuracy, TTA (flips, 1-pixel shifts)", metrics["test_accuracy_tta"]))
     lines = ["---", "library_name: pytorch", "license: mit", "pipeline_tag: image-classification",
              "tags:", "- image-classification", "- fashion-mnist", "datasets:", "- fashion_mnist",
              "metrics:", "- accuracy", "model-index:", f"- name: {_yaml_string(name)}", "  results:",
@@ -261,7 +261,7 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     if "test_loss_calibrated" in metrics:
         rows.append(("test loss, calibrated", _score(metrics["test_loss_calibrated"])))
     if "test_accuracy_tta" in metrics:
-        rows.append(("test accuracy, flip TTA", _score(metrics["test_accuracy_tta"])))
+        rows.append(("test accuracy, TTA (flips, 1-pixel shifts)", _score(metrics["test_accuracy_tta"])))
     if "val_accuracy" in metrics:
         rows += [("validation accuracy (last epoch)", _score(metrics["val_accuracy"])),
                  ("validation loss (last epoch)", _score(metrics.get("val_loss")))]
@@ -353,7 +353,8 @@ def _usage_text(meta: RunMeta, run_path: str) -> str:
                      "first"]),
         "Without fmnist: export the model once to ONNX (preprocessing and calibration inside the graph), then any "
         "onnxruntime reads it:",
-        _code("sh", [f"fmnist export {shlex.quote(folder)}{trust_flag}   # writes {onnx_file} (pip install 'fmnist[onnx]')"]),
+        _code("sh", [f"fmnist export {shlex.quote(folder)}{trust_flag}   # writes {onnx_file} "
+                     "(pip install 'fmnist[onnx]')"]),
         _code("python", ["import numpy as np", "import onnxruntime as ort", "",
                          f"session = ort.InferenceSession({json.dumps(onnx_file)})",
                          "images = np.zeros((1, 28, 28), np.uint8)  # dataset-form pixels, light garment on black",

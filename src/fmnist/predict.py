@@ -68,7 +68,8 @@ class Predictor:
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 256, tta: bool = False,
                       calibrated: bool = True) -> np.ndarray:
-        """Softmax probabilities, shape (n, 10); `tta` averages each image with its mirror image."""
+        """Softmax probabilities, shape (n, 10); `tta` averages the test-time views (mirror image and
+        1-pixel shifts, `fmnist.data.tta_views`)."""
         raise NotImplementedError
 
     def answer(self, images: np.ndarray, k: int = 3, unsure_below: float = UNSURE_BELOW) -> list[dict[str, Any]]:
@@ -183,7 +184,8 @@ class Classifier(Predictor):
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 256, tta: bool = False,
                       calibrated: bool = True) -> np.ndarray:
-        """Softmax probabilities, shape (n, 10); `tta` averages each image with its mirror image.
+        """Softmax probabilities, shape (n, 10); `tta` averages the test-time views (mirror image and
+        1-pixel shifts, `fmnist.data.tta_views`).
 
         With `calibrated`, logits are divided by the temperature fitted on the validation split (1.0 when the
         model was trained without one), so a 90% answer is right about 90% of the time.

@@ -99,7 +99,7 @@ def epoch_line(epoch: int, row: Mapping[str, Any]) -> str:
 def train_summary_lines(metrics: Mapping[str, Any], out_dir: str | Path) -> list[str]:
     """Why training stopped, the final test numbers and where the run lives: the end of `fmnist train`."""
     lines = [f"stopped early: {metrics['stop_reason']}"] if metrics["stop_reason"] else []
-    tta = f" (with flip TTA {metrics['test_accuracy_tta']:.4f})" if "test_accuracy_tta" in metrics else ""
+    tta = f" (with TTA {metrics['test_accuracy_tta']:.4f})" if "test_accuracy_tta" in metrics else ""
     calibrated = (f" ({metrics['test_loss_calibrated']:.4f} calibrated)" if "test_loss_calibrated" in metrics
                   else "")
     lines.append(f"test accuracy {metrics['test_accuracy']:.4f}{tta}, test loss {metrics['test_loss']:.4f}"
@@ -113,7 +113,7 @@ def train_summary_lines(metrics: Mapping[str, Any], out_dir: str | Path) -> list
 def evaluation_lines(model: str, result: Mapping[str, Any]) -> list[str]:
     """The evaluation report (`result` as written to evaluation.json): totals, per-class scores, main confusions."""
     tta = result.get("tta")
-    flipped = f"  (flip TTA: loss {tta['loss']:.4f}, accuracy {tta['accuracy']:.4f})" if tta else ""
+    flipped = f"  (TTA: loss {tta['loss']:.4f}, accuracy {tta['accuracy']:.4f})" if tta else ""
     lines = [f"{model} on {result['test_size']:,} test images",
              f"probabilities calibrated on the validation split (temperature {result['temperature']:.2f})"
              if result["calibrated"] else "probabilities not calibrated (the run had no validation split)",

@@ -331,6 +331,34 @@ def run_epoch(loop: Loop, tensors: Tensors, epoch: int, stop: StopRequest, emit:
 PROBE_WARMUP_STEPS = 6  # the first steps pay for oneDNN's kernel selection and allocations: not counted
 PROBE_STEPS = 10
 BUDGET_SHARE = 0.85  # of the budget planned for the epochs: on a shared 2-core VM epochs varied by up to 20%
+REPLAN_TOLERANCE = 0.15  # re-plan after the first epoch when it ran this much faster or slower than the probe said
+
+
+def replan_budget(loop: Loop, budget: dict[str, Any], first_epoch_seconds: float, run_dir: Path | None) -> None:
+    """Fit the epochs again once the first real epoch is timed.
+
+    A probe of a few steps can be off by 1.5x (a cold process, other jobs on a shared machine); a whole epoch,
+    validation included, is the better measure. The remaining epochs are re-sized so that training still ends
+    inside the budget, the one-cycle schedule follows the new length (the first epoch is still in its warm-up, so
+    only the warm-up's slope changes), and `config.json` and the plan in `metrics.json` say what happened.
+    """
+    estimate = budget["epoch_seconds_estimate"]
+    if abs(first_epoch_seconds - estimate) <= REPLAN_TOLERANCE * estimate:
+        return
+    left = budget["seconds"] * BUDGET_SHARE - budget["probe_seconds"] - first_epoch_seconds
+    epochs = 1 + max(0, int(left // first_epoch_seconds))
+    if loop.group is not None:
+        epochs = max(1, int(distributed.sum_across(loop.group, [epochs])[0] // loop.group.world))
+    if epochs == loop.config.epochs:
+        return
+    log.info("budget: the first epoch took %.1f s (the probe said %.1f s): %d epochs instead of %d",
+             first_epoch_seconds, estimate, epochs, loop.config.epochs)
+    budget["replanned"] = {"after_epoch": 1, "epoch_seconds": round(first_epoch_seconds, 2),
+                           "epochs_from_probe": loop.config.epochs}
+    budget["epochs"] = epochs
+    loop.config = loop.config.model_copy(update={"epochs": epochs})
+    if run_dir is not None:
+        checkpoint.write_config(run_dir, loop.config)
 
 
 def fit_to_budget(config: TrainConfig, tensors: Tensors, group, device: torch.device,
@@ -366,9 +394,15 @@ def fit_to_budget(config: TrainConfig, tensors: Tensors, group, device: torch.de
     torch.set_rng_state(rng)
     epoch_seconds = probe.steps_per_epoch * step_seconds + validation_seconds
     left = config.budget * BUDGET_SHARE - (time.perf_counter() - started)
-    epochs = max(1, int(left // epoch_seconds))
-    if group is not None:
-        epochs = max(1, int(distributed.sum_across(group, [epochs])[0] // group.world))
+    epochs, too_long = int(left // epoch_seconds), int(epoch_seconds > config.budget * BUDGET_SHARE)
+    if group is not None:  # every rank decides alike
+        epochs, too_long = distributed.sum_across(group, [epochs, too_long])
+        epochs = int(epochs // group.world)
+    epochs = max(1, epochs)  # at least one when an epoch fits: the probe's own time is ours, not the user's
+    if too_long:
+        need = math.ceil((time.perf_counter() - started + epoch_seconds) / BUDGET_SHARE)
+        raise ConfigError(f"budget {config.budget:g} s is too short for one epoch here (about {epoch_seconds:.0f} s "
+                          f"each); give at least --budget {need}s, or train on fewer images (--train-subset)")
     plan = {"seconds": config.budget, "epochs": epochs, "step_ms": round(step_seconds * 1000, 2),
             "epoch_seconds_estimate": round(epoch_seconds, 2), "probe_seconds": round(time.perf_counter() - started, 2)}
     return config.model_copy(update={"epochs": epochs}), plan
@@ -442,16 +476,19 @@ def _end_of_epoch(loop: Loop, tensors: Tensors, state: RunState, row: dict[str, 
 
 
 def run_epochs(loop: Loop, tensors: Tensors, state: RunState, run_dir: Path | None, stop: StopRequest,
-               emit: Progress) -> None:
+               emit: Progress, budget: dict[str, Any] | None = None) -> None:
     """Epochs until the schedule ends, early stopping says so, or a stop is requested (keeping the last
-    complete epoch's weights)."""
+    complete epoch's weights). With a time `budget` planned for this run, the first epoch re-sizes the rest."""
     stopping = EarlyStopping(loop.config)
     last_good = copy.deepcopy(loop.model.state_dict())
     try:
-        for epoch in range(state.epoch, loop.config.epochs):
+        while state.epoch < loop.config.epochs:
+            epoch, started = state.epoch, time.perf_counter()
             emit(events.EpochStart(epoch + 1))
             row = run_epoch(loop, tensors, epoch, stop, emit)
             _end_of_epoch(loop, tensors, state, row, run_dir)
+            if budget is not None and epoch == 0:  # the whole epoch: steps, validation, checkpoint
+                replan_budget(loop, budget, time.perf_counter() - started, run_dir)
             last_good = copy.deepcopy(loop.model.state_dict())
             state.stop_reason = stopping.update(row, loop.model)
             emit(events.EpochEnd(row["epoch"], row))
@@ -610,7 +647,8 @@ def _fit_and_write(loop: Loop, tensors: Tensors, state: RunState, budget: dict |
     emit(events.Start(config, loop.steps_per_epoch, config.epochs, count_parameters(loop.model),
                       len(tensors.y_train), state.epoch, devices.describe(loop.device),
                       loop.group.world if loop.group else 1, loop.precision, run_dir))
-    run_epochs(loop, tensors, state, run_dir, stop, emit)
+    run_epochs(loop, tensors, state, run_dir, stop, emit, budget)
+    config = loop.config  # a budget may have re-sized the epochs after the first one
     calibration = calibrate(loop.model, tensors.x_val, tensors.y_val)
     metrics = final_metrics(loop, tensors, state, calibration)
     if budget is not None:
