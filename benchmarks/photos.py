@@ -223,6 +223,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a run folder written by `fmnist train`")
