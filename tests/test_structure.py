@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -179,7 +180,16 @@ def test_the_first_epoch_resizes_a_plan_the_probe_got_wrong(tmp_path, monkeypatc
     assert saved["epochs"] == plan["epochs"]
 
 
-def test_a_budget_too_short_for_one_epoch_is_refused(capsys):
+def test_a_budget_too_short_for_one_epoch_is_refused(capsys, monkeypatch):
+    """Every probed step is made to last at least 0.2 s, so an epoch of 6,000 images (12 steps) cannot fit in
+    1 s on any machine: on a fast machine the real steps alone fit, and the test would fail for the wrong reason."""
+    real_step = training.train_step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.2)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", slow_step)
     code = main(["train", "--preset", "fast", "--train-subset", "6000", "--budget", "1s", "--quiet"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and len(error.splitlines()) == 1, error
