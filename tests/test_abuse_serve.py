@@ -280,12 +280,12 @@ def test_pixels_decoded_at_once_stay_within_the_budget_across_requests(classifie
     lock = threading.Lock()
     original = serve._prepare_upload
 
-    def counting(file, name, max_pixels):
+    def counting(*args):
         with lock:
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
         try:
-            return original(file, name, max_pixels)
+            return original(*args)
         finally:
             with lock:
                 in_flight[0] -= 1

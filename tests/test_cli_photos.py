@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from test_train import learnable_arrays, small
 
-from fmnist import training
+from fmnist import images, training
 from fmnist.cli import main
 
 
@@ -62,3 +62,32 @@ def test_plain_output_names_the_class_and_a_missing_file_is_exit_2(run, photos, 
     assert "a.jpg:" in capsys.readouterr().out
     assert main(["predict", str(run), str(tmp_path / "missing.jpg")]) == 2
     assert "missing.jpg" in capsys.readouterr().err
+
+
+def tilted_garment(path, angle: float = 6.0):
+    """A dark upright-box garment turned by `angle` degrees on a light canvas, as PNG: what `--upright` is for."""
+    shape = Image.new("L", (300, 240), 0)
+    ImageDraw.Draw(shape).rectangle((110, 50, 189, 189), fill=255)
+    shape = np.asarray(shape.rotate(angle, Image.Resampling.BICUBIC, center=(150, 120)), np.float64) / 255
+    Image.fromarray(np.rint(230 - 200 * shape).astype(np.uint8)).save(path)
+    return path
+
+
+def test_upright_flag_reaches_prepare_and_straightens_the_garment(run, tmp_path, monkeypatch, capsys):
+    """Off by default (it costs upright photos a little); with --upright the tilted box comes out upright."""
+    photo = tilted_garment(tmp_path / "tilted.png")
+    calls, original = [], images.prepare
+
+    def spy(source, **kwargs):
+        prepared = original(source, **kwargs)
+        calls.append((kwargs.get("upright", False), prepared.image))
+        return prepared
+
+    monkeypatch.setattr(images, "prepare", spy)
+    assert main(["predict", str(run), str(photo), "--json"]) == 0
+    assert main(["predict", str(run), str(photo), "--json", "--upright"]) == 0
+    capsys.readouterr()
+    (plain_flag, plain), (upright_flag, upright) = calls
+    assert plain_flag is False and upright_flag is True
+    np.testing.assert_array_equal(upright, original(photo, upright=True).image)
+    assert np.abs(upright.astype(int) - plain).mean() > 5  # 19 gray levels apart: the tilt is gone

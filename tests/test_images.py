@@ -155,18 +155,9 @@ def test_palette_image_with_transparency():
     assert_dataset_like(images.prepare(encode(image, "PNG")).image)
 
 
-def test_border_is_light_and_invert():
+def test_border_is_light():
     assert images.border_is_light(np.asarray(drawing()))
     assert not images.border_is_light(np.asarray(drawing(fill=230, background=10)))
-    inverted, flag = images.invert_if_light_background(np.asarray(drawing()))
-    assert flag and inverted[0, 0] == 10 and inverted[100, 150] == 235
-    same, flag = images.invert_if_light_background(np.asarray(drawing(fill=230, background=10)))
-    assert not flag and same[0, 0] == 10
-
-
-def test_darken_background_makes_the_background_black():
-    dark = images.darken_background(np.asarray(drawing(fill=230, background=30)))
-    assert dark[0, 0] == 0 and dark[100, 150] == 200
 
 
 def test_trim_crops_to_the_garment_despite_noise():

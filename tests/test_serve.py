@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'fmnist[serve]'")
@@ -69,6 +69,14 @@ def phone_photo(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def tilted_garment(angle: float = 6.0) -> bytes:
+    """A dark upright-box garment turned by `angle` degrees on a light canvas, as PNG: what `upright` is for."""
+    shape = Image.new("L", (300, 240), 0)
+    ImageDraw.Draw(shape).rectangle((110, 50, 189, 189), fill=255)
+    shape = np.asarray(shape.rotate(angle, Image.Resampling.BICUBIC, center=(150, 120)), np.float64) / 255
+    return png(np.rint(230 - 200 * shape).astype(np.uint8))
+
+
 # ----------------------------------------------------------------------------------------------- endpoints
 def test_healthz_and_model(client, classifier):
     assert client.get("/healthz").json()["status"] == "ok"
@@ -102,6 +110,9 @@ def test_openapi_documents_both_request_bodies(client):
     assert schema["properties"]["scale"]["enum"] == [255, 1]
     assert schema["properties"]["image"]["maxItems"] == 28 and schema["properties"]["image"]["type"] == "array"
     assert body["multipart/form-data"]["schema"]["properties"]["file"]["items"]["format"] == "binary"
+    query = {p["name"]: p for p in spec["paths"]["/v1/predict"]["post"]["parameters"]}
+    assert set(query) == {"top", "include_input", "upright"} and query["upright"]["schema"]["default"] is False
+    assert "upright" in query["upright"]["description"]
     assert client.get("/docs").status_code == 200
 
 
@@ -136,6 +147,26 @@ def test_json_arrays_are_model_input_as_is(client, classifier, test_images):
     one = client.post("/v1/predict", json={"image": (x[0] / 255).tolist(), "scale": 1}).json()["predictions"]
     assert len(one) == 1 and one[0]["top"][0]["class"] == data.CLASS_NAMES[int(expected[0].argmax())]
     assert "inverted" not in one[0] and len(one[0]["top"]) == 3
+
+
+def test_upright_straightens_uploads_only_when_asked(client):
+    """`?upright=true` reaches `prepare`: the tilted box comes back upright; JSON arrays are still taken as they are."""
+    photo = tilted_garment()
+    seen = {}
+    for query in ("", "&upright=false", "&upright=true"):
+        response = client.post(f"/v1/predict?include_input=true{query}",
+                               files=[("file", ("tilted.png", photo, "image/png"))])
+        assert response.status_code == 200, response.text
+        seen[query] = np.array(response.json()["predictions"][0]["input"], np.uint8)
+    np.testing.assert_array_equal(seen[""], images.prepare(photo).image)
+    np.testing.assert_array_equal(seen["&upright=false"], seen[""])
+    np.testing.assert_array_equal(seen["&upright=true"], images.prepare(photo, upright=True).image)
+    assert np.abs(seen["&upright=true"].astype(int) - seen[""]).mean() > 5  # 19 gray levels apart
+    array = np.zeros((28, 28), np.uint8)
+    array[4:24, 10:18] = 200
+    response = client.post("/v1/predict?upright=true&include_input=true", json={"image": array.tolist()})
+    assert response.status_code == 200 and response.json()["predictions"][0]["input"] == array.tolist()
+    assert_error(client.post("/v1/predict?upright=maybe", json={"image": array.tolist()}), 422, r"upright: ")
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -388,7 +388,7 @@ def _predict_files(args: argparse.Namespace, classifier) -> int:
     rows, failures, shown = [], 0, []
     for path in _image_files(args.files):
         try:
-            prepared = images.prepare(path)
+            prepared = images.prepare(path, upright=args.upright)
         except FmnistError as error:
             failures += 1
             rows.append({"file": str(path), "error": str(error)})
@@ -715,6 +715,9 @@ def _add_prediction_commands(commands: argparse._SubParsersAction) -> None:
     output.add_argument("--csv", metavar="OUT", default=None, help="write one CSV row per file")
     predict_parser.add_argument("--show", metavar="PNG", default=None,
                                 help="draw each photo, the 28x28 the model saw and its probabilities")
+    predict_parser.add_argument("--upright", action="store_true",
+                                help="turn a tilted garment upright before classifying (helps photos tilted by a "
+                                     "few degrees; slightly worse on upright ones, see docs/photos.md)")
     _add_data_dir(predict_parser)
     _add_trust_code(predict_parser)
     predict_parser.set_defaults(func=_cmd_predict)

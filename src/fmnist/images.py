@@ -430,19 +430,6 @@ def border_is_light(gray: np.ndarray) -> bool:
     return bool(np.median(_border(gray)) > (low + high) / 2)
 
 
-def invert_if_light_background(gray: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Negate a dark-on-light photo so the garment is light on a dark background, as in the dataset."""
-    if border_is_light(gray):
-        return 255 - gray, True
-    return gray, False
-
-
-def darken_background(gray: np.ndarray) -> np.ndarray:
-    """Subtract the background level (the border median) so the background is black (0) like the dataset's."""
-    level = int(np.median(_border(gray)))
-    return np.clip(gray.astype(np.int16) - level, 0, 255).astype(np.uint8)
-
-
 def _frame(shape: tuple[int, int]) -> np.ndarray:
     """Where `_border`'s frame lies, as a boolean mask: the surface fit needs the positions of its pixels."""
     height, width = shape

@@ -543,11 +543,12 @@ def _header_pixels(file: BinaryIO) -> int:
         file.seek(0)
 
 
-def _prepare_upload(file: BinaryIO, name: str, max_pixels: int) -> tuple[np.ndarray, bool]:
-    """The 28x28 of one upload and whether it was inverted. The decoded photo and every intermediate image die with
-    this call: a request of 16 large images holds 16 small results, not 16 full-size decodes."""
+def _prepare_upload(file: BinaryIO, name: str, max_pixels: int, upright: bool = False) -> tuple[np.ndarray, bool]:
+    """The 28x28 of one upload (turned upright when asked) and whether it was inverted. The decoded photo and every
+    intermediate image die with this call: a request of 16 large images holds 16 small results, not 16 full-size
+    decodes."""
     try:
-        prepared = images.prepare(file, name=name, max_pixels=max_pixels)
+        prepared = images.prepare(file, name=name, max_pixels=max_pixels, upright=upright)
     except FmnistError as error:
         raise ApiError(422, str(error)) from None
     return np.array(prepared.image, dtype=np.uint8, copy=True), prepared.inverted
@@ -589,17 +590,19 @@ class Preparer:
             await asyncio.wait([asyncio.wrap_future(future)])
             raise
 
-    async def upload(self, file: BinaryIO, name: str, turn: asyncio.Lock) -> tuple[np.ndarray, str, bool]:
-        """One uploaded file as (28x28, name, inverted). `turn` is the request's own: one large image at a time."""
+    async def upload(self, file: BinaryIO, name: str, turn: asyncio.Lock,
+                     upright: bool = False) -> tuple[np.ndarray, str, bool]:
+        """One uploaded file as (28x28, name, inverted), straightened with `upright`. `turn` is the request's own:
+        one large image at a time."""
         limit = self.settings.max_pixels
         pixels = await self.run(self.quick, _header_pixels, file)
         if not SMALL_PIXELS < pixels <= limit:  # small, or refused from its header (too large, unreadable): cheap
-            image, inverted = await self.run(self.quick, _prepare_upload, file, name, limit)
+            image, inverted = await self.run(self.quick, _prepare_upload, file, name, limit, upright)
             return image, name, inverted
         async with turn:
             await self.pixels.acquire(pixels)
             try:
-                image, inverted = await self.run(self.large, _prepare_upload, file, name, limit)
+                image, inverted = await self.run(self.large, _prepare_upload, file, name, limit, upright)
             finally:
                 self.pixels.release(pixels)
         return image, name, inverted
@@ -611,9 +614,11 @@ async def _disconnected(receive) -> None:
         pass
 
 
-async def _uploaded_images(request: Request, preparer: Preparer) -> tuple[np.ndarray, list[str], list[bool]]:
-    """Every file of a multipart body as a 28x28; the first bad file is the answer, and a client that disconnects
-    stops the work on its remaining images (abandoned requests must not keep the decoders busy)."""
+async def _uploaded_images(request: Request, preparer: Preparer,
+                           upright: bool = False) -> tuple[np.ndarray, list[str], list[bool]]:
+    """Every file of a multipart body as a 28x28 (straightened with `upright`); the first bad file is the answer, and
+    a client that disconnects stops the work on its remaining images (abandoned requests must not keep the decoders
+    busy)."""
     settings = preparer.settings
     try:
         form = await request.form(max_files=settings.max_images + 1, max_fields=settings.max_images + 16)
@@ -629,7 +634,7 @@ async def _uploaded_images(request: Request, preparer: Preparer) -> tuple[np.nda
             raise ApiError(413, f"{len(uploads)} files in one request, over the limit of {settings.max_images}; "
                                 "send them in batches")
         turn = asyncio.Lock()
-        tasks = [asyncio.ensure_future(preparer.upload(upload.file, upload.filename or f"file {i}", turn))
+        tasks = [asyncio.ensure_future(preparer.upload(upload.file, upload.filename or f"file {i}", turn, upright))
                  for i, upload in enumerate(uploads)]
         results = await _unless_disconnected(tasks, request.receive)
     finally:
@@ -653,11 +658,13 @@ async def _unless_disconnected(tasks: list[asyncio.Future], receive) -> list[Any
         await asyncio.gather(work, watcher, *tasks, return_exceptions=True)
 
 
-async def _request_images(request: Request, preparer: Preparer) -> tuple[np.ndarray, list[str], list[bool] | None]:
-    """The images of a predict request, by content type; `inverted` only for uploads (arrays are taken as is)."""
+async def _request_images(request: Request, preparer: Preparer,
+                          upright: bool = False) -> tuple[np.ndarray, list[str], list[bool] | None]:
+    """The images of a predict request, by content type; `inverted` and `upright` only for uploads (arrays are taken
+    as is)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        return await _uploaded_images(request, preparer)
+        return await _uploaded_images(request, preparer, upright)
     if content_type == "application/json":  # parsed in the pool: a big body must not hold up the event loop
         raw = await request.body()
         batch, names = await preparer.run(preparer.quick, _json_images, raw, preparer.settings.max_images)
@@ -740,6 +747,10 @@ def _add_pages(app: FastAPI, settings: ServeSettings) -> None:
             return HTMLResponse(_DOCS_OFF)
 
 
+_UPRIGHT_HELP = ("turn a tilted garment upright before classifying (uploads only; helps photos tilted by a few "
+                 "degrees, slightly worse on upright ones: docs/photos.md)")
+
+
 def create_app(classifier: Classifier, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application for one loaded model (tests use it with FastAPI's TestClient). The model must answer
     a blank image with finite probabilities first: a service that would answer 500 to everything never starts."""
@@ -783,8 +794,9 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
               openapi_extra=_PREDICT_BODY)
     async def predict(request: Request,
                       top: int = Query(3, ge=1, le=len(classifier.classes), description="classes to rank per image"),
-                      include_input: bool = Query(False, description="also return the 28x28 the model saw")):
-        batch, names, inverted = await _request_images(request, preparer)
+                      include_input: bool = Query(False, description="also return the 28x28 the model saw"),
+                      upright: bool = Query(False, description=_UPRIGHT_HELP)):
+        batch, names, inverted = await _request_images(request, preparer, upright)
         answers = await batcher.answer(batch)
         predictions = []
         for index, (name, answer) in enumerate(zip(names, answers, strict=True)):

@@ -63,7 +63,8 @@ async function predict(blob, filename) {
   form.append("file", blob, filename);
   $("answer").textContent = "Thinking…";
   try {
-    const response = await fetch("/v1/predict?top=3&include_input=true", { method: "POST", body: form });
+    const upright = $("upright").checked ? "&upright=true" : "";
+    const response = await fetch("/v1/predict?top=3&include_input=true" + upright, { method: "POST", body: form });
     const body = await response.json().catch(() => ({ error: "the server sent an unreadable answer" }));
     if (!response.ok) throw new Error(body.error || response.statusText);
     showError("");
