@@ -11,9 +11,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-# The demo trains `fast` for as many epochs as fit DEMO_BUDGET on this machine (measured: 12 epochs and 93.0% test
-# on a 2-core AVX512-BF16 Zen 5, 5 epochs and 92.3% on a 2-core AVX2 Zen 3): a few minutes on any 2-core machine. `make demo DEMO_PRESET=default DEMO_BUDGET=`
-# trains the bigger net for its full 10 epochs instead (about 20 minutes on 2 AVX2 cores).
+# The demo trains `fast` for as many epochs as fit DEMO_BUDGET on this machine (measured from a fresh clone: 25
+# epochs, 93.24% test, 4m34s in all on a 2-core AVX512-BF16 Zen 5; 5 epochs and 92.3% on a 2-core AVX2 Zen 3 with
+# the older batch-256 recipe): a few minutes on any 2-core machine.
+# `make demo DEMO_PRESET=default DEMO_BUDGET=` trains the bigger net for its full 10 epochs instead (about 20 minutes
+# on 2 AVX2 cores).
 DEMO_PRESET ?= fast
 DEMO_BUDGET ?= 4m
 PIP := $(VENV)/bin/python -m pip --disable-pip-version-check -q
@@ -52,9 +54,10 @@ demo: runs/demo/model.json
 	$(BIN)/fmnist plot runs/demo
 	@echo "figures: runs/demo/plots/*.png, runs/demo/samples.png"
 
+# The sample grid is drawn after training: `--overwrite` replaces the run folder whole, with what was in it.
 runs/demo/model.json: $(VENV)/.base | dataset
-	$(BIN)/fmnist data show --out runs/demo/samples.png
 	$(BIN)/fmnist train --preset $(DEMO_PRESET) $(if $(DEMO_BUDGET),--budget $(DEMO_BUDGET)) --out runs/demo --overwrite
+	$(BIN)/fmnist data show --out runs/demo/samples.png
 
 # The browser test drives Debian's headless Chromium; installed here when missing and we may (root + apt).
 browser:

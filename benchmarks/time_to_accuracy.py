@@ -74,7 +74,8 @@ ISA_LINE = re.compile(r"^(?:onednn|dnnl|mkldnn)_verbose,(?:v\d+,)?info,(?:cpu,is
 
 PROTOCOL = ("each seed trains in a fresh process on the preset's fixed schedule (or the epochs that --budget fits) "
             "after an untimed 1-epoch warm-up of the same preset on 2,048 training images, and test accuracy is "
-            "measured once at the end; time = training + the final test evaluation (plain and flip-TTA passes), "
+            "measured once at the end; time = training + the final test evaluation (the plain pass and the "
+            "test-time-augmentation pass: image, mirror and their 1-pixel shifts), "
             "data loading reported separately")
 SUMMARISED = ("test_accuracy", "test_accuracy_tta", "time_seconds", "train_seconds", "eval_seconds", "data_seconds",
               "warmup_seconds", "peak_rss_mib", "throughput_images_per_s", "latency_ms_p50")
@@ -212,7 +213,8 @@ def test_tensors(config, arrays):
 
 def timed_evaluation(model, x, y, tta: bool) -> dict[str, Any]:
     """The final test evaluation, timed here because it is part of the reported time (as in airbench): a plain
-    pass, then the flip-TTA pass where the preset reports one. fp32, batches of 256, like `fmnist evaluate`."""
+    pass, then the TTA pass (data.tta_views: image, mirror, 1-pixel shifts) where the preset reports one. fp32,
+    batches of 256, like `fmnist evaluate`."""
     from fmnist import evaluate
 
     started = time.perf_counter()
@@ -382,7 +384,7 @@ def row_order(row: Mapping[str, Any]) -> tuple:
             row["cpu_class"] != "native")
 
 
-TABLE_HEAD = ("| preset | CPU class | how | precision | seeds | epochs | test acc % | flip-TTA acc % | time s "
+TABLE_HEAD = ("| preset | CPU class | how | precision | seeds | epochs | test acc % | TTA acc % | time s "
               "| train s | eval s | data s | warm-up s | peak RSS MiB | infer img/s | latency ms | CPU | torch "
               "| commit | date |")
 
@@ -418,7 +420,8 @@ def markdown(store: Mapping[str, Any]) -> str:
         "  (`warm-up s`, not timed), so oneDNN's kernel selection and the allocator's warm-up are not in `time s`.",
         "- `time s` = `train s` (the epochs' training steps; per-epoch validation passes and the temperature",
         "  calibration are not in it; with `--budget`, its probe steps are added) + `eval s` (the final fp32 test",
-        "  passes, plain and flip-TTA). `data s` (reading, splitting, preprocessing) is not in `time s`.",
+        "  passes, plain and TTA: image, mirror and their 1-pixel shifts; rows measured before 2026-12-02 21:00",
+        "  UTC used the mirror alone). `data s` (reading, splitting, preprocessing) is not in `time s`.",
         "- Mean ± sample standard deviation over seeds 0..N-1; accuracy also (min-max). Test accuracy is measured",
         "  once, after the last epoch: no number here was chosen by looking at the test set.",
         "- Peak RSS: the child's maximum resident memory after the final evaluation. Inference (after the timed",
@@ -533,7 +536,7 @@ def run_seeds(preset: str, count: int, overrides: Mapping[str, Any], env: Mappin
     for seed in range(count):
         run, _ = run_child(child_command("--child", {"preset": preset, "seed": seed, "overrides": overrides}), env)
         runs.append(run)
-        tta = f" (flip TTA {run['test_accuracy_tta']:.4f})" if run["test_accuracy_tta"] is not None else ""
+        tta = f" (TTA {run['test_accuracy_tta']:.4f})" if run["test_accuracy_tta"] is not None else ""
         print(f"{preset} [{cpu_class}] seed {seed}: test {run['test_accuracy']:.4f}{tta} in {run['time_seconds']:.1f} s"
               f" (train {run['train_seconds']:.1f} + eval {run['eval_seconds']:.2f}), {run['epochs']} epochs, "
               f"{run['precision']}; data {run['data_seconds']:.1f} s and warm-up {run['warmup_seconds']:.1f} s "
