@@ -98,7 +98,12 @@ def test_patience_stops_and_restores_best_weights(arrays):
     assert "did not improve for 2 epochs" in result.metrics["stop_reason"]
 
 
-@pytest.mark.parametrize("preset,extra", [("classic-adam", {"dropout": 0.3}), ("fast", {})])
+@pytest.mark.parametrize("preset,extra", [
+    ("classic-adam", {"dropout": 0.3}),  # the plain step (dropout)
+    ("classic-adam", {}),  # the autograd-free MLP step (fmnist.fast_step), Adam state in the resume file
+    ("classic-sgd", {"momentum": 0.9, "nesterov": True}),  # the same with SGD's momentum buffers
+    ("fast", {}),
+])
 def test_resume_equals_uninterrupted(preset, extra, arrays, tmp_path):
     config = small(preset, epochs=3, **extra)
     straight = training.train(config, arrays=arrays, out_dir=tmp_path / "straight")
