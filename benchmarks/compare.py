@@ -37,7 +37,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from _machine import cpu_name
+from _machine import cpu_name, git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "benchmarks" / "peers"
@@ -347,7 +347,10 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return None
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+    from fmnist.devices import cpu_class
+
+    return {"cpu": cpu, "cpu_class": cpu_class(), "commit": git_commit(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform(),
             "torch": version("torch"), "tensorflow": version("tensorflow-cpu") or version("tensorflow"),
             "keras": version("keras"), "onnxruntime": version("onnxruntime"),
             "load_average_at_start": os.getloadavg()}
@@ -379,7 +382,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         f"Written by `benchmarks/compare.py` on {result['date']}: `{result['command']}`; raw runs in "
         f"`{result['json_name']}`.",
-        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}, "
+        f"Commit {m.get('commit', 'unknown')}. Machine: {m['cpu']} (CPU class {m.get('cpu_class', 'unknown')}, fp32 "
+        f"on both sides), {m['cores']} cores, Python {m['python']}, torch {m['torch']}, "
         f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, onnxruntime {m['onnxruntime']}; load average at start "
         + ", ".join(f"{v:.2f}" for v in m["load_average_at_start"]) + ".",
         "",
