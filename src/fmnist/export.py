@@ -31,6 +31,7 @@ OPSET = 18  # the dynamo exporter's own opset (no conversion step); runs on ever
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "logits")
 PARITY_TOLERANCE = 1e-4  # largest probability difference from torch accepted when checking a fresh export
+ONNX_CHUNK = 1000  # images per onnxruntime call unless the caller says: it gained nothing from smaller chunks here
 
 
 class OnnxUnavailableError(FmnistError):
@@ -207,16 +208,17 @@ class OnnxClassifier(Predictor):
             array = np.rint(array.astype(np.float32) * 255.0).clip(0, 255).astype(np.uint8)
         return np.ascontiguousarray(array)
 
-    def _run(self, pixels: np.ndarray, output: str, batch_size: int) -> np.ndarray:
+    def _run(self, pixels: np.ndarray, output: str, batch_size: int | None) -> np.ndarray:
+        batch_size = batch_size or ONNX_CHUNK
         outputs = [self.session.run([output], {INPUT_NAME: pixels[start:start + batch_size]})[0]
                    for start in range(0, len(pixels), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), np.float32)
 
-    def logits(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    def logits(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Raw model outputs, shape (n, 10)."""
         return self._run(self._pixels(images), "logits", batch_size)
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 1000, tta: bool = False,
+    def predict_proba(self, images: np.ndarray, batch_size: int | None = None, tta: bool = False,
                       calibrated: bool = True) -> np.ndarray:
         """Softmax probabilities, shape (n, 10); `tta` averages the test-time views (`fmnist.data.tta_views`).
 

@@ -20,7 +20,7 @@ from fmnist.checkpoint import RunMeta, load_model
 from fmnist.data import preprocess
 from fmnist.devices import resolve_device
 from fmnist.errors import ImageError, ModelFileError
-from fmnist.evaluate import class_probabilities
+from fmnist.evaluate import class_probabilities, inference_chunk
 
 UNSURE_BELOW = 0.5  # a calibrated top probability under this is reported as "unsure"
 
@@ -62,11 +62,11 @@ class Predictor:
         shown = f", test_accuracy={accuracy:.4f}" if isinstance(accuracy, float) else ""
         return f"{type(self).__name__}({self.meta.architecture.name}, preset={self.meta.preset!r}{shown})"
 
-    def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def logits(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Raw model outputs, shape (n, 10)."""
         raise NotImplementedError
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 256, tta: bool = False,
+    def predict_proba(self, images: np.ndarray, batch_size: int | None = None, tta: bool = False,
                       calibrated: bool = True) -> np.ndarray:
         """Softmax probabilities, shape (n, 10); `tta` averages the test-time views (mirror image and
         1-pixel shifts, `fmnist.data.tta_views`)."""
@@ -121,7 +121,7 @@ class Predictor:
                              f"{labels.shape}")
         return classification_report(self.predict_proba(images, tta=tta), labels, self.classes)
 
-    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """The most probable class index per image."""
         return self.predict_proba(images, batch_size).argmax(axis=1)
 
@@ -170,19 +170,21 @@ class Classifier(Predictor):
         """Checked images to the model's input on its device (never changing the caller's array)."""
         return preprocess(array, self._mean, self._std, self._channels_last).to(self.device)
 
-    def _batches(self, images: np.ndarray, batch_size: int):
-        """Model inputs chunk by chunk: small tensors stay in cache, and no full-size float copy is made."""
+    def _batches(self, images: np.ndarray, batch_size: int | None):
+        """Model inputs chunk by chunk (`evaluate.inference_chunk` images unless `batch_size` says): small tensors
+        stay in cache, and no full-size float copy is made."""
         array = check_images(images)
+        batch_size = batch_size or inference_chunk(self.model)
         for start in range(0, len(array), batch_size):
             yield self._scaled(array[start:start + batch_size])
 
-    def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def logits(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Raw model outputs, shape (n, 10)."""
         with torch.inference_mode():
             outputs = [self.model(batch).float().cpu() for batch in self._batches(images, batch_size)]
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 256, tta: bool = False,
+    def predict_proba(self, images: np.ndarray, batch_size: int | None = None, tta: bool = False,
                       calibrated: bool = True) -> np.ndarray:
         """Softmax probabilities, shape (n, 10); `tta` averages the test-time views (mirror image and
         1-pixel shifts, `fmnist.data.tta_views`).
