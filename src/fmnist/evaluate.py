@@ -30,9 +30,10 @@ def class_probabilities(model: nn.Module, batch: torch.Tensor, temperature: floa
 
 
 # Images per forward pass at inference, measured on 2 cores of a Zen 5 (`python benchmarks/inference_chunks.py`,
-# 10,000 images): convolutional nets are fastest in chunks of 64, whose activations stay in the caches (Keras CNN
-# 45.8k images/s against 35.6k at 256; `fast` 21.7k against 17.8k; `default` 6.4k against 4.2k), dense nets in
-# chunks of 512 (Dense 128: 877k against 822k at 256). A GPU wants big chunks.
+# results/inference_chunks-2026-12-02T231053.json, 10,000 images): conv nets in chunks of 64, whose activations stay
+# in the caches (Keras CNN 37.5k images/s against 32.8k at 256 and 15.1k at 1024; `default` 6.6k against 3.5k at
+# 256; `fast` 17.2k against 18.7k at 256, within this VM's noise), dense nets in chunks of 512 (Dense 128: 879k
+# against 818k at 256). A GPU wants big chunks.
 CONV_CHUNK, DENSE_CHUNK, GPU_CHUNK = 64, 512, 1024
 
 
