@@ -60,7 +60,8 @@ def main() -> None:
         print(f"{name} {settings}: " + "  ".join(f"{c}: {v:,}" for c, v in speeds.items())
               + f"  (fastest {rows[-1]['fastest']}, fmnist uses {rows[-1]['chosen']})")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S")
-    result = {"date": stamp, "cpu": cpu_name(), "cpu_class": cpu_class(), "threads": torch.get_num_threads(),
+    result = {"date": stamp, "cpu": cpu_name(), "cpu_class": cpu_class(), "precision": "fp32",
+              "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "commit": git_commit(), "rows": rows}
     path = RESULTS / f"inference_chunks-{stamp}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
