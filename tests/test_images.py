@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from fmnist import data, images
 from fmnist.errors import ImageError
 
-STEP_NAMES = ["gray", "inverted", "trimmed", "resized", "final"]
+STEP_NAMES = ["gray", "inverted", "trimmed", "resized", "sharpened", "final"]
 # Phone-photo fidelity on PHONE_PHOTOS seeded photos of test images (0..255 gray levels), measured with
 # Pillow 13 / numpy 2.4: mean absolute difference to the original 14.1 (median 13.4); for scale, shifting the
 # originals by one pixel gives 21.8 and a perfectly aligned bicubic-up/LANCZOS-down round trip 4.5. The nearest
@@ -182,6 +182,17 @@ def test_fit_to_canvas_keeps_the_aspect_ratio_and_centres():
     assert images.fit_to_canvas(np.full((3, 3), 255, np.uint8)).min() == 255
     huge = images.fit_to_canvas(np.full((4000, 3000), 200, np.uint8))
     assert extent(huge)[0] == 28 and extent(huge)[1] in (21, 22)
+
+
+def test_sharpen_steepens_a_soft_edge_and_keeps_flat_areas():
+    """The dataset's images were sharpened after resizing; a resized photo's soft edge is made steeper again."""
+    soft = np.zeros((28, 28), np.uint8)
+    soft[:, 14:] = 200
+    soft[:, 12:16] = [50, 100, 150, 175]  # a ramp over four pixels, as a blurred edge resizes
+    sharp = images.sharpen(soft)
+    assert sharp.shape == (28, 28) and sharp.dtype == np.uint8
+    assert np.diff(sharp[14].astype(int)).max() > np.diff(soft[14].astype(int)).max()
+    assert (sharp[:, :9] == 0).all() and (sharp[:, 19:] == 200).all()  # black stays black, flat stays flat
 
 
 def test_match_intensity_stretches_to_255_and_keeps_black():
