@@ -13,9 +13,10 @@ from test_train import small
 
 import fmnist
 from fmnist import training
+from fmnist.checkpoint import load_model
 from fmnist.cli import main
 from fmnist.errors import FmnistError, ImageError, ModelFileError
-from fmnist.export import OnnxClassifier, export_onnx
+from fmnist.export import ONNX_CONV_CHUNK, ONNX_DENSE_CHUNK, OnnxClassifier, export_onnx, onnx_payload
 from fmnist.predict import Classifier
 
 
@@ -199,3 +200,28 @@ def test_missing_packages_say_how_to_install(missing, mlp_run, mlp_onnx, monkeyp
     if missing == "onnxruntime":
         with pytest.raises(FmnistError, match=r"fmnist\[onnx\]"):
             OnnxClassifier.load(mlp_onnx)
+
+
+class CountingSession:
+    """An onnxruntime session that records how many images each call got."""
+
+    def __init__(self, session):
+        self.session, self.sizes = session, []
+
+    def run(self, outputs, feeds):
+        self.sizes.append(len(next(iter(feeds.values()))))
+        return self.session.run(outputs, feeds)
+
+
+@pytest.mark.parametrize(("run_name", "chunk"), [("mlp_run", ONNX_DENSE_CHUNK), ("cnn_run", ONNX_CONV_CHUNK)])
+def test_default_chunks_are_chosen_per_network(run_name, chunk, request, real_arrays):
+    """Conv nets get small chunks, dense nets larger ones (benchmarks/inference_chunks.py); a caller may override."""
+    model, meta = load_model(request.getfixturevalue(run_name))
+    classifier = OnnxClassifier.from_bytes(onnx_payload(model, meta))  # in memory: no file written
+    counting = classifier.session = CountingSession(classifier.session)
+    x_test = real_arrays[1][0][:1100]
+    probabilities = classifier.predict_proba(x_test)
+    assert counting.sizes == [chunk] * (1100 // chunk) + [1100 % chunk]
+    counting.sizes.clear()
+    np.testing.assert_allclose(classifier.predict_proba(x_test, batch_size=1000), probabilities, atol=1e-6)
+    assert counting.sizes == [1000, 100]

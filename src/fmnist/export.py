@@ -31,9 +31,15 @@ OPSET = 18  # the dynamo exporter's own opset (no conversion step); runs on ever
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "logits")
 PARITY_TOLERANCE = 1e-4  # largest probability difference from torch accepted when checking a fresh export
-# images per onnxruntime call unless the caller says: 1000 as before. Not yet chosen per model: in a scratch run
-# (Zen 5, 2 threads) the Keras CNN ran 72k images/s in chunks of 64 against 46k at 1000.
-ONNX_CHUNK = 1000
+# images per onnxruntime call unless the caller says, chosen by `benchmarks/inference_chunks.py` (results/): small
+# chunks stay in cache for conv nets, dense nets want bigger matrix products.
+ONNX_CONV_CHUNK = 64
+ONNX_DENSE_CHUNK = 512
+
+
+def onnx_chunk(architecture: str) -> int:
+    """Images per onnxruntime call for a network: dense chunks for the MLP, conv chunks for the rest."""
+    return ONNX_DENSE_CHUNK if architecture == "mlp" else ONNX_CONV_CHUNK
 
 
 class OnnxUnavailableError(FmnistError):
@@ -47,6 +53,14 @@ def _require(module: str) -> Any:
     except ImportError:
         raise OnnxUnavailableError(f"ONNX support needs the {module} package, which is not installed; "
                                    "run pip install 'fmnist[onnx]'") from None
+
+
+def _require_exporter() -> Any:
+    """onnx, after checking that the exporter's back end (onnxscript) and onnxruntime (the parity check) import."""
+    onnx = _require("onnx")
+    _require("onnxscript")
+    _require("onnxruntime")
+    return onnx
 
 
 def _graph_module(model: Any, meta: RunMeta) -> Any:
@@ -124,12 +138,17 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     the code it names to rebuild it, which runs that code: only with `trust_code=True` (the ONNX file it writes
     holds a graph, no code, and loads without it).
     """
-    onnx = _require("onnx")
-    _require("onnxscript")  # the exporter's back end
-    _require("onnxruntime")
+    _require_exporter()  # before loading anything: one line if a package is missing
+    model, meta = load_model(run_dir, trust_code=trust_code)
+    target = Path(run_dir) / ONNX_FILE if out is None else Path(out)
+    return atomic_write_bytes(target / ONNX_FILE if target.is_dir() else target, onnx_payload(model, meta))
+
+
+def onnx_payload(model: Any, meta: RunMeta) -> bytes:
+    """A model and its model.json as a serialised ONNX graph, checked by onnx.checker and against torch."""
+    onnx = _require_exporter()
     from fmnist.predict import Classifier
 
-    model, meta = load_model(run_dir, trust_code=trust_code)
     model_proto = onnx.load_from_string(_torch_to_onnx(_graph_module(model, meta)))
     model_proto.producer_name = "fmnist"
     model_proto.doc_string = "Fashion-MNIST classifier exported by `fmnist export`; see metadata 'preprocessing'."
@@ -145,8 +164,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     if not difference <= PARITY_TOLERANCE:
         raise RuntimeError(f"the exported graph disagrees with the torch model (max probability difference "
                            f"{difference:.2g}); nothing was written. Please report this with your torch version")
-    target = Path(run_dir) / ONNX_FILE if out is None else Path(out)
-    return atomic_write_bytes(target / ONNX_FILE if target.is_dir() else target, payload)
+    return payload
 
 
 class OnnxClassifier(Predictor):
@@ -211,7 +229,7 @@ class OnnxClassifier(Predictor):
         return np.ascontiguousarray(array)
 
     def _run(self, pixels: np.ndarray, output: str, batch_size: int | None) -> np.ndarray:
-        batch_size = batch_size or ONNX_CHUNK
+        batch_size = batch_size or onnx_chunk(self.meta.architecture.name)
         outputs = [self.session.run([output], {INPUT_NAME: pixels[start:start + batch_size]})[0]
                    for start in range(0, len(pixels), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), np.float32)
