@@ -15,10 +15,11 @@ reached the Keras CNN's final accuracy. Nothing else should run on the machine m
     .venv/bin/python benchmarks/compare.py                          # every pair, 3 repetitions (see the README)
     .venv/bin/python benchmarks/compare.py --pairs mlp cnn --reps 5
     .venv/bin/python benchmarks/compare.py --tiny                   # 2,000 images, 1 epoch, 1 rep: a smoke test
+    .venv/bin/python benchmarks/compare.py --cpu-class avx2         # both sides limited to AVX2 (a laptop's class)
 
 Writes benchmarks/results/compare-<YYYY-MM-DDTHHMM>.json (raw runs, summary, machine) and
-benchmarks/results/compare.md (the table), and prints the table. `--tiny` writes to a temporary folder (or
-`--out DIR`) and never over the real results.
+benchmarks/results/compare.md (the table; compare-avx2.md etc. under --cpu-class), and prints the table. `--tiny`
+writes to a temporary folder (or `--out DIR`) and never over the real results.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from _machine import cpu_name, git_commit
+from time_to_accuracy import CPU_CLASSES, class_env, class_mismatch, parse_isa_line, probe_cpu_class
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "benchmarks" / "peers"
@@ -172,15 +174,48 @@ def onnx_measurements(run_dir: str, x_test, median_ms) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- running children
-def child_env() -> dict[str, str]:
-    """The environment of every child: TensorFlow's C++ logging quiet, the TensorFlow Keras backend."""
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow", "PYTHONHASHSEED": "0"}
+def child_env(cpu_class: str = "native") -> dict[str, str]:
+    """The environment of every child: TensorFlow's C++ logging quiet, the TensorFlow Keras backend, and the CPU
+    class's limits (`time_to_accuracy.class_env`: oneDNN's ISA, for avx2 ATen's too) on both sides."""
+    return {**class_env(cpu_class, os.environ), "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow",
+            "PYTHONHASHSEED": "0"}
 
 
-def run_child(command: list[str], label: str) -> dict[str, Any]:
+def checked_emulation(cpu_class: str) -> dict[str, Any] | None:
+    """For an emulated CPU class, what a torch child sees under it (oneDNN's ISA line, ATen's capability);
+    exit with one line when the limit does not take effect. TensorFlow's bundled oneDNN reads the same variable."""
+    if cpu_class == "native":
+        return None
+    probe = probe_cpu_class(cpu_class)
+    mismatch = class_mismatch(cpu_class, probe)
+    if mismatch:
+        sys.exit(f"compare: {mismatch}")
+    tensorflow_isa = tensorflow_onednn_isa(cpu_class)
+    if tensorflow_isa != probe["onednn_isa"]:
+        sys.exit(f"compare: --cpu-class {cpu_class}: TensorFlow's oneDNN uses {tensorflow_isa!r}, torch's "
+                 f"{probe['onednn_isa']!r}; the sides would not run the same class")
+    return {"requested": cpu_class, "environment": CPU_CLASSES[cpu_class], "onednn_isa": probe["onednn_isa"],
+            "tensorflow_onednn_isa": tensorflow_isa, "cpu_class": probe["cpu_class"],
+            "aten_cpu_capability": probe["aten_cpu_capability"]}
+
+
+TF_PROBE = ("import numpy as np, keras; m = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(32, 3), "
+            "keras.layers.Flatten(), keras.layers.Dense(10)]); m.predict(np.zeros((64, 28, 28, 1), 'float32'), "
+            "verbose=0)")
+
+
+def tensorflow_onednn_isa(cpu_class: str) -> str | None:
+    """The ISA TensorFlow's bundled oneDNN names under this class's limits (ONEDNN_VERBOSE=1), or None."""
+    env = {**child_env(cpu_class), "ONEDNN_VERBOSE": "1"}
+    completed = subprocess.run([sys.executable, "-c", TF_PROBE], capture_output=True, text=True, env=env)
+    found = parse_isa_line(completed.stdout + completed.stderr)
+    return found[1] if found else None
+
+
+def run_child(command: list[str], label: str, cpu_class: str = "native") -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; its last stdout line is the JSON record."""
     launched_at, started = time.time(), time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=child_env())
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=child_env(cpu_class))
     wall = time.perf_counter() - started
     if completed.returncode != 0:
         tail = "\n".join((completed.stderr or completed.stdout).strip().splitlines()[-15:])
@@ -381,6 +416,17 @@ def faster(value: float | None) -> str:
     return f"{value:.2f}x faster" if value >= 1 else f"{1 / value:.2f}x slower"
 
 
+def class_text(result: dict[str, Any]) -> str:
+    """The CPU class the numbers are for: the machine's, or the emulated one with how it was limited."""
+    emulation = result.get("emulation")
+    if not emulation:
+        return result["machine"].get("cpu_class", "unknown")
+    limits = " ".join(f"{name}={value}" for name, value in emulation["environment"].items())
+    return (f"{emulation['cpu_class']}, emulated on an {result['machine'].get('cpu_class')} CPU with {limits} in "
+            f"both sides' children; torch's and TensorFlow's oneDNN both said `isa:{emulation['onednn_isa']}` "
+            "under it; TensorFlow's own Eigen kernels are not limited by it)")
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The side-by-side table, the targets and the fast-preset comparison."""
     from fmnist.evaluate import CONV_CHUNK, DENSE_CHUNK
@@ -394,7 +440,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         f"Written by `benchmarks/compare.py` on {result['date']}: `{result['command']}`; raw runs in "
         f"`{result['json_name']}`.",
-        f"Commit {m.get('commit', 'unknown')}. Machine: {m['cpu']} (CPU class {m.get('cpu_class', 'unknown')}, fp32 "
+        f"Commit {m.get('commit', 'unknown')}. Machine: {m['cpu']} (CPU class {class_text(result)}, fp32 "
         f"on both sides), {m['cores']} cores, Python {m['python']}, torch {m['torch']}, "
         f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, onnxruntime {m['onnxruntime']}; load average at start "
         + ", ".join(f"{v:.2f}" for v in m["load_average_at_start"]) + ".",
@@ -498,6 +544,9 @@ def main() -> None:
     parser.add_argument("--no-fast", action="store_true", help="skip fmnist's fast preset vs the Keras CNN")
     parser.add_argument("--out", type=Path, help="folder for the JSON and markdown (default benchmarks/results; "
                                                  "with --tiny a new temporary folder)")
+    parser.add_argument("--cpu-class", choices=list(CPU_CLASSES), default="native",
+                        help="limit both sides' oneDNN (and for avx2 torch's ATen) to that instruction set, checked "
+                             "first; results go to compare-<class>.md")
     parser.add_argument("--fmnist-child", metavar="PRESET", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -509,11 +558,12 @@ def main() -> None:
     out = args.out or (Path(tempfile.mkdtemp(prefix="fmnist-compare-tiny-")) if args.tiny else RESULTS)
     now = datetime.now(timezone.utc)
     stamp = now.strftime("%Y-%m-%dT%H%M")
-    json_name = f"compare-{stamp}{'-tiny' if args.tiny else ''}.json"
+    suffix = ("-tiny" if args.tiny else "") + ("" if args.cpu_class == "native" else f"-{args.cpu_class}")
+    json_name, md_name = f"compare-{stamp}{suffix}.json", f"compare{suffix}.md"
     result: dict[str, Any] = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"), "tiny": args.tiny, "reps": reps, "json_name": json_name,
         "command": "python benchmarks/compare.py " + " ".join(sys.argv[1:]), "machine": machine(),
-        "pairs": {}, "runs": [],
+        "pairs": {}, "runs": [], "emulation": checked_emulation(args.cpu_class),
     }
     with_fast = "cnn" in args.pairs and not args.no_fast
     runs: dict[str, dict[str, list]] = {name: {"keras": [], "fmnist": []} for name in args.pairs}
@@ -524,7 +574,7 @@ def main() -> None:
             for side, command in (("keras", peer_command(peer, args.tiny)),
                                   ("fmnist", fmnist_command(preset, fmnist_overrides(preset, rep, args.tiny)))):
                 label = f"rep {rep + 1}/{reps} {name} {side}"
-                record = run_child(command, label)
+                record = run_child(command, label, args.cpu_class)
                 record.update(pair=name, rep=rep)
                 runs[name][side].append(record)
                 result["runs"].append(record)
@@ -533,7 +583,7 @@ def main() -> None:
                       f"{record['wall_seconds']:.1f} s wall, peak {record['peak_rss_mib']:.0f} MiB", flush=True)
         if with_fast:
             overrides = fmnist_overrides("fast", rep, args.tiny, {"track_test": True})
-            record = run_child(fmnist_command("fast", overrides), f"rep {rep + 1}/{reps} fast")
+            record = run_child(fmnist_command("fast", overrides), f"rep {rep + 1}/{reps} fast", args.cpu_class)
             record.update(pair="fast", rep=rep)
             fast_runs.append(record)
             result["runs"].append(record)
@@ -553,10 +603,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / json_name).write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (out / "compare.md").write_text(table)
+    (out / md_name).write_text(table)
     print()
     print(table)
-    print(f"wrote {out / json_name} and {out / 'compare.md'}")
+    print(f"wrote {out / json_name} and {out / md_name}")
 
 
 if __name__ == "__main__":
