@@ -64,12 +64,14 @@ WARMUP_TEST = 512
 
 CPU_CLASSES: dict[str, dict[str, str]] = {
     "native": {},
-    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    # MKL (torch's BLAS for the dense layers) dispatches on its own; on AMD CPUs it takes AVX2 paths anyway
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "avx512-bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
 }
 EXPECTED_CLASS = {"avx2": "AVX2", "avx512-bf16": "AVX512-BF16"}  # as fmnist.devices.cpu_class() names them
 # Inherited settings that would change what a class means (or flood the children's output): dropped first.
-CLEARED = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_VERBOSE", "DNNL_VERBOSE")
+CLEARED = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_VERBOSE",
+           "DNNL_VERBOSE")
 ISA_LINE = re.compile(r"^(?:onednn|dnnl|mkldnn)_verbose,(?:v\d+,)?info,(?:cpu,isa:|Detected ISA is )(?P<isa>.+)$")
 
 PROTOCOL = ("each seed trains in a fresh process on the preset's fixed schedule (or the epochs that --budget fits) "

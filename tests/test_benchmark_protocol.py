@@ -187,9 +187,11 @@ def test_isa_class(isa, cpu_class):
 
 
 def test_class_env_sets_each_class_and_clears_inherited_limits():
-    base = {"PATH": "/bin", "ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_VERBOSE": "1"}
+    base = {"PATH": "/bin", "ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_VERBOSE": "1",
+            "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
     assert tta.class_env("native", base) == {"PATH": "/bin"}
-    assert tta.class_env("avx2", base) == {"PATH": "/bin", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    assert tta.class_env("avx2", base) == {"PATH": "/bin", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                                           "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     assert tta.class_env("avx512-bf16", base) == {"PATH": "/bin", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
     assert base["ONEDNN_MAX_CPU_ISA"] == "SSE41"  # the caller's environment is not changed
 
