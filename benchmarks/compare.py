@@ -16,6 +16,7 @@ reached the Keras CNN's final accuracy. Nothing else should run on the machine m
     .venv/bin/python benchmarks/compare.py --pairs mlp cnn --reps 5
     .venv/bin/python benchmarks/compare.py --tiny                   # 2,000 images, 1 epoch, 1 rep: a smoke test
     .venv/bin/python benchmarks/compare.py --cpu-class avx2         # both sides limited to AVX2 (a laptop's class)
+    .venv/bin/python benchmarks/compare.py --pairs cnn --bf16       # Keras mixed_bfloat16 vs fmnist bf16
 
 Writes benchmarks/results/compare-<YYYY-MM-DDTHHMM>.json (raw runs, summary, machine) and
 benchmarks/results/compare.md (the table; compare-avx2.md etc. under --cpu-class), and prints the table. `--tiny`
@@ -228,8 +229,8 @@ def run_child(command: list[str], label: str, cpu_class: str = "native") -> dict
     return record
 
 
-def peer_command(peer: str, tiny: bool) -> list[str]:
-    command = [sys.executable, str(PEERS / f"{peer}.py"), "--json"]
+def peer_command(peer: str, tiny: bool, bf16: bool = False) -> list[str]:
+    command = [sys.executable, str(PEERS / f"{peer}.py"), "--json"] + (["--mixed-bfloat16"] if bf16 else [])
     if tiny:
         command += ["--epochs", str(TINY["epochs"]), "--train-subset", str(TINY["train_subset"]),
                     "--test-subset", str(TINY["test_subset"])]
@@ -416,6 +417,16 @@ def faster(value: float | None) -> str:
     return f"{value:.2f}x faster" if value >= 1 else f"{1 / value:.2f}x slower"
 
 
+def extra_precision(bf16: bool) -> dict[str, Any]:
+    return {"precision": "bf16"} if bf16 else {}
+
+
+def precision_text(result: dict[str, Any]) -> str:
+    if result.get("precision") == "bf16":
+        return "bf16 on both sides: Keras' mixed_bfloat16 policy (bf16 compute, fp32 variables) and fmnist's bf16"
+    return "fp32 on both sides"
+
+
 def class_text(result: dict[str, Any]) -> str:
     """The CPU class the numbers are for: the machine's, or the emulated one with how it was limited."""
     emulation = result.get("emulation")
@@ -440,8 +451,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         f"Written by `benchmarks/compare.py` on {result['date']}: `{result['command']}`; raw runs in "
         f"`{result['json_name']}`.",
-        f"Commit {m.get('commit', 'unknown')}. Machine: {m['cpu']} (CPU class {class_text(result)}, fp32 "
-        f"on both sides), {m['cores']} cores, Python {m['python']}, torch {m['torch']}, "
+        f"Commit {m.get('commit', 'unknown')}. Machine: {m['cpu']} (CPU class {class_text(result)}, "
+        f"{precision_text(result)}), {m['cores']} cores, Python {m['python']}, torch {m['torch']}, "
         f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, onnxruntime {m['onnxruntime']}; load average at start "
         + ", ".join(f"{v:.2f}" for v in m["load_average_at_start"]) + ".",
         "",
@@ -547,6 +558,9 @@ def main() -> None:
     parser.add_argument("--cpu-class", choices=list(CPU_CLASSES), default="native",
                         help="limit both sides' oneDNN (and for avx2 torch's ATen) to that instruction set, checked "
                              "first; results go to compare-<class>.md")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 on both sides: Keras' mixed_bfloat16 policy against fmnist's precision bf16 (a "
+                             "separate comparison from the fp32 one); results to compare-bf16.md")
     parser.add_argument("--fmnist-child", metavar="PRESET", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -558,12 +572,14 @@ def main() -> None:
     out = args.out or (Path(tempfile.mkdtemp(prefix="fmnist-compare-tiny-")) if args.tiny else RESULTS)
     now = datetime.now(timezone.utc)
     stamp = now.strftime("%Y-%m-%dT%H%M")
-    suffix = ("-tiny" if args.tiny else "") + ("" if args.cpu_class == "native" else f"-{args.cpu_class}")
+    suffix = (("-tiny" if args.tiny else "") + ("" if args.cpu_class == "native" else f"-{args.cpu_class}")
+              + ("-bf16" if args.bf16 else ""))
     json_name, md_name = f"compare-{stamp}{suffix}.json", f"compare{suffix}.md"
     result: dict[str, Any] = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"), "tiny": args.tiny, "reps": reps, "json_name": json_name,
         "command": "python benchmarks/compare.py " + " ".join(sys.argv[1:]), "machine": machine(),
         "pairs": {}, "runs": [], "emulation": checked_emulation(args.cpu_class),
+        "precision": "bf16" if args.bf16 else "fp32",
     }
     with_fast = "cnn" in args.pairs and not args.no_fast
     runs: dict[str, dict[str, list]] = {name: {"keras": [], "fmnist": []} for name in args.pairs}
@@ -571,8 +587,9 @@ def main() -> None:
     for rep in range(reps):
         for name in args.pairs:
             peer, preset = PAIRS[name]
-            for side, command in (("keras", peer_command(peer, args.tiny)),
-                                  ("fmnist", fmnist_command(preset, fmnist_overrides(preset, rep, args.tiny)))):
+            extra = extra_precision(args.bf16)
+            for side, command in (("keras", peer_command(peer, args.tiny, args.bf16)),
+                                  ("fmnist", fmnist_command(preset, fmnist_overrides(preset, rep, args.tiny, extra)))):
                 label = f"rep {rep + 1}/{reps} {name} {side}"
                 record = run_child(command, label, args.cpu_class)
                 record.update(pair=name, rep=rep)
@@ -582,7 +599,7 @@ def main() -> None:
                       f"{statistics.median(record['epoch_seconds']):.2f} s, test {record['test_accuracy']:.4f}, "
                       f"{record['wall_seconds']:.1f} s wall, peak {record['peak_rss_mib']:.0f} MiB", flush=True)
         if with_fast:
-            overrides = fmnist_overrides("fast", rep, args.tiny, {"track_test": True})
+            overrides = fmnist_overrides("fast", rep, args.tiny, {"track_test": True, **extra_precision(args.bf16)})
             record = run_child(fmnist_command("fast", overrides), f"rep {rep + 1}/{reps} fast", args.cpu_class)
             record.update(pair="fast", rep=rep)
             fast_runs.append(record)

@@ -162,14 +162,22 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def main(run: Callable[..., dict[str, Any]], doc: str | None) -> None:
-    """Command line of every peer: `--epochs`, `--train-subset`, `--test-subset`, `--json` (one line, for scripts)."""
+    """Command line of every peer: `--epochs`, `--train-subset`, `--test-subset`, `--json` (one line, for scripts),
+    `--mixed-bfloat16`."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, help="override the number of epochs (smoke runs)")
     parser.add_argument("--train-subset", type=int, help="train on the first N training images only")
     parser.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line instead")
+    parser.add_argument("--mixed-bfloat16", action="store_true",
+                        help="Keras' mixed_bfloat16 policy (bf16 compute, fp32 variables) instead of float32")
     args = parser.parse_args()
+    if args.mixed_bfloat16:
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     result = run(epochs=args.epochs, train_subset=args.train_subset, test_subset=args.test_subset)
+    result["config"]["precision"] = "mixed_bfloat16" if args.mixed_bfloat16 else "float32"
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
