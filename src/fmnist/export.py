@@ -31,8 +31,10 @@ OPSET = 18  # the dynamo exporter's own opset (no conversion step); runs on ever
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "logits")
 PARITY_TOLERANCE = 1e-4  # largest probability difference from torch accepted when checking a fresh export
-# images per onnxruntime call unless the caller says, chosen by `benchmarks/inference_chunks.py` (results/): small
-# chunks stay in cache for conv nets, dense nets want bigger matrix products.
+# images per onnxruntime call unless the caller says, chosen by `benchmarks/inference_chunks.py` on 2 Zen 5 cores
+# (results/inference_chunks-2026-12-03T002916.json): conv nets' activations stay in cache in small chunks (Keras CNN
+# 77.6k images/s at 64 against 50.4k at 1024; `fast` 29.7k against 22.8k), dense nets want bigger products (Dense 128
+# 1.44M at 512 against 1.16M at 64).
 ONNX_CONV_CHUNK = 64
 ONNX_DENSE_CHUNK = 512
 
