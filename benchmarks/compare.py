@@ -572,9 +572,9 @@ def main() -> None:
     out = args.out or (Path(tempfile.mkdtemp(prefix="fmnist-compare-tiny-")) if args.tiny else RESULTS)
     now = datetime.now(timezone.utc)
     stamp = now.strftime("%Y-%m-%dT%H%M")
-    suffix = (("-tiny" if args.tiny else "") + ("" if args.cpu_class == "native" else f"-{args.cpu_class}")
-              + ("-bf16" if args.bf16 else ""))
-    json_name, md_name = f"compare-{stamp}{suffix}.json", f"compare{suffix}.md"
+    variant = ("" if args.cpu_class == "native" else f"-{args.cpu_class}") + ("-bf16" if args.bf16 else "")
+    json_name = f"compare-{stamp}{'-tiny' if args.tiny else ''}{variant}.json"
+    md_name = f"compare{variant}.md"  # a tiny run writes to its own folder
     result: dict[str, Any] = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"), "tiny": args.tiny, "reps": reps, "json_name": json_name,
         "command": "python benchmarks/compare.py " + " ".join(sys.argv[1:]), "machine": machine(),

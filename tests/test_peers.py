@@ -66,6 +66,18 @@ def test_peer_runs_one_epoch_and_reports_everything(peer, tensorflow_installed, 
         assert result["config"]["validation"] == 50 and result["val_accuracy"] is not None
 
 
+def test_peer_trains_under_mixed_bfloat16_when_asked(tensorflow_installed, use_real_data):
+    """compare.py --bf16 runs the peers with Keras' mixed_bfloat16 policy; the record says which policy trained."""
+    command = [str(PEERS / "keras_mlp.py"), "--epochs", "1", "--train-subset", "300", "--test-subset", "100", "--json"]
+    plain = json.loads(run(command, timeout=180).stdout.strip().splitlines()[-1])
+    mixed = json.loads(run([*command, "--mixed-bfloat16"], timeout=180).stdout.strip().splitlines()[-1])
+    assert plain["config"]["precision"] == "float32" and mixed["config"]["precision"] == "mixed_bfloat16"
+    compare = load_compare()
+    assert "--mixed-bfloat16" in compare.peer_command("keras_cnn", False, bf16=True)
+    assert "--mixed-bfloat16" not in compare.peer_command("keras_cnn", False)
+    assert "mixed_bfloat16" in compare.precision_text({"precision": "bf16"})
+
+
 @pytest.mark.slow
 def test_compare_tiny_end_to_end(tmp_path, tensorflow_installed, use_real_data):
     results = ROOT / "benchmarks" / "results"

@@ -177,7 +177,9 @@ def main(run: Callable[..., dict[str, Any]], doc: str | None) -> None:
 
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     result = run(epochs=args.epochs, train_subset=args.train_subset, test_subset=args.test_subset)
-    result["config"]["precision"] = "mixed_bfloat16" if args.mixed_bfloat16 else "float32"
+    import keras
+
+    result["config"]["precision"] = keras.mixed_precision.global_policy().name  # the policy the run trained under
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
