@@ -546,7 +546,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS), help="pairs to run")
     parser.add_argument("--reps", type=int, default=None, help="repetitions of every run (default 3; tiny: 1)")
@@ -563,7 +563,43 @@ def main() -> None:
                              "separate comparison from the fp32 one); results to compare-bf16.md")
     parser.add_argument("--fmnist-child", metavar="PRESET", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_repetitions(args: argparse.Namespace, reps: int, result: dict[str, Any]
+                    ) -> tuple[dict[str, dict[str, list]], list[dict[str, Any]]]:
+    """Every pair's peer and fmnist runs, alternating, `reps` times (plus `fast` after each repetition when
+    asked); each record is also appended to result["runs"]. Returns the records by pair and side, and `fast`'s."""
+    runs: dict[str, dict[str, list]] = {name: {"keras": [], "fmnist": []} for name in args.pairs}
+    fast_runs: list[dict[str, Any]] = []
+    extra = extra_precision(args.bf16)
+    for rep in range(reps):
+        for name in args.pairs:
+            peer, preset = PAIRS[name]
+            for side, command in (("keras", peer_command(peer, args.tiny, args.bf16)),
+                                  ("fmnist", fmnist_command(preset, fmnist_overrides(preset, rep, args.tiny, extra)))):
+                label = f"rep {rep + 1}/{reps} {name} {side}"
+                record = run_child(command, label, args.cpu_class)
+                record.update(pair=name, rep=rep)
+                runs[name][side].append(record)
+                result["runs"].append(record)
+                print(f"{label}: {record['epochs_run']} epochs, median epoch "
+                      f"{statistics.median(record['epoch_seconds']):.2f} s, test {record['test_accuracy']:.4f}, "
+                      f"{record['wall_seconds']:.1f} s wall, peak {record['peak_rss_mib']:.0f} MiB", flush=True)
+        if "cnn" in args.pairs and not args.no_fast:
+            overrides = fmnist_overrides("fast", rep, args.tiny, {"track_test": True, **extra})
+            record = run_child(fmnist_command("fast", overrides), f"rep {rep + 1}/{reps} fast", args.cpu_class)
+            record.update(pair="fast", rep=rep)
+            fast_runs.append(record)
+            result["runs"].append(record)
+            print(f"rep {rep + 1}/{reps} fast: test {record['test_accuracy']:.4f} after "
+                  f"{record['history'][-1]['train_seconds']:.1f} s of training, {record['wall_seconds']:.1f} s wall",
+                  flush=True)
+    return runs, fast_runs
+
+
+def main() -> None:
+    args = parse_args()
     if args.fmnist_child:
         sys.stdout.write(json.dumps(fmnist_child(args.fmnist_child, json.loads(args.overrides))) + "\n")
         return
@@ -581,39 +617,14 @@ def main() -> None:
         "pairs": {}, "runs": [], "emulation": checked_emulation(args.cpu_class),
         "precision": "bf16" if args.bf16 else "fp32",
     }
-    with_fast = "cnn" in args.pairs and not args.no_fast
-    runs: dict[str, dict[str, list]] = {name: {"keras": [], "fmnist": []} for name in args.pairs}
-    fast_runs: list[dict[str, Any]] = []
-    for rep in range(reps):
-        for name in args.pairs:
-            peer, preset = PAIRS[name]
-            extra = extra_precision(args.bf16)
-            for side, command in (("keras", peer_command(peer, args.tiny, args.bf16)),
-                                  ("fmnist", fmnist_command(preset, fmnist_overrides(preset, rep, args.tiny, extra)))):
-                label = f"rep {rep + 1}/{reps} {name} {side}"
-                record = run_child(command, label, args.cpu_class)
-                record.update(pair=name, rep=rep)
-                runs[name][side].append(record)
-                result["runs"].append(record)
-                print(f"{label}: {record['epochs_run']} epochs, median epoch "
-                      f"{statistics.median(record['epoch_seconds']):.2f} s, test {record['test_accuracy']:.4f}, "
-                      f"{record['wall_seconds']:.1f} s wall, peak {record['peak_rss_mib']:.0f} MiB", flush=True)
-        if with_fast:
-            overrides = fmnist_overrides("fast", rep, args.tiny, {"track_test": True, **extra_precision(args.bf16)})
-            record = run_child(fmnist_command("fast", overrides), f"rep {rep + 1}/{reps} fast", args.cpu_class)
-            record.update(pair="fast", rep=rep)
-            fast_runs.append(record)
-            result["runs"].append(record)
-            print(f"rep {rep + 1}/{reps} fast: test {record['test_accuracy']:.4f} after "
-                  f"{record['history'][-1]['train_seconds']:.1f} s of training, {record['wall_seconds']:.1f} s wall",
-                  flush=True)
+    runs, fast_runs = run_repetitions(args, reps, result)
     for name in args.pairs:
         peer, preset = PAIRS[name]
         keras, fm = side_summary(runs[name]["keras"]), side_summary(runs[name]["fmnist"])
         result["pairs"][name] = {"peer": peer, "preset": preset, "keras": keras, "fmnist": fm,
                                  "ratios": pair_summary(keras, fm)}
     result["targets"] = evaluate_targets(result["pairs"], args.tiny)
-    if with_fast:
+    if fast_runs:
         result["fast"] = fast_summary(fast_runs, result["pairs"]["cnn"]["keras"])
     result["machine"]["load_average_at_end"] = os.getloadavg()
 
@@ -624,7 +635,6 @@ def main() -> None:
     print()
     print(table)
     print(f"wrote {out / json_name} and {out / md_name}")
-
 
 if __name__ == "__main__":
     main()
