@@ -90,9 +90,9 @@ class Prepared:
     """The model input plus what led to it: the loaded photo and each intermediate image, for display.
 
     `steps` holds "gray", "inverted" (already with a black background), "trimmed", "resized", "sharpened" and
-    "final"; an input
-    that passed through unchanged (already in dataset form) has only "gray" and "final". `original` and the steps
-    of a photo larger than `WORK_SIDE` are shrunk to at most `WORK_SIDE` pixels a side, so a result stays small.
+    "final"; an input that passed through unchanged (already in dataset form) has only "gray" and "final".
+    `original` and the steps of a photo larger than `WORK_SIDE` are shrunk to at most `WORK_SIDE` pixels a side,
+    so a result stays small.
     """
 
     image: np.ndarray = field(repr=False)  # (28, 28) uint8, light garment on black
@@ -649,8 +649,9 @@ def fit_to_canvas(gray: np.ndarray, size: int = SIZE) -> np.ndarray:
 def sharpen(image: np.ndarray) -> np.ndarray:
     """Sharpen the 28x28 as the dataset's images were after their resizing (`SHARPEN`).
 
-    Resampling a photo down leaves edges softer than the dataset's; measured on phone-like photos of training
-    images, sharpening gained 0.3 points on clean photos and 1.5 on photos with every fault (docs/photos.md).
+    Resampling a photo down leaves edges softer than the dataset's. On phone-like photos (docs/photos.md) it
+    gained 0.3 points on clean photos and 1.5 on photos with every fault (training images, where it was chosen);
+    on the test images' photos -0.2 and +1.05.
     """
     return np.asarray(Image.fromarray(image).filter(SHARPEN))
 
@@ -759,7 +760,8 @@ def prepare(source: Source, *, name: str | None = None, max_pixels: int = DEFAUL
     their exports predict exactly as in evaluation. The photo is made gray and shrunk to `WORK_SIDE` before the
     other steps, and the full-size decoded photo is let go, so the cost after decoding is that of a small image.
     With `upright`, a tilted garment is also turned upright (`straighten`): measured on photos of training images,
-    +1.6 points on photos tilted by up to 8 degrees but -0.15 on upright ones (docs/photos.md), so it is asked for.
+    +1.5 points on photos with every fault (tilts up to 8 degrees) but -0.4 on clean upright ones (docs/photos.md),
+    so it is asked for.
     """
     label = _label(source, name)
     original = _original(source, label, max_pixels)
