@@ -195,8 +195,11 @@ def context(args: argparse.Namespace, run_meta: dict[str, Any]) -> dict[str, Any
     import PIL
     import torch
 
+    from fmnist.devices import cpu_class
+
     os.environ.setdefault("GIT_OPTIONAL_LOCKS", "0")  # `git status` must not take the index lock of a busy checkout
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    return {"cpu": cpu_name(), "cpu_class": cpu_class(), "precision": "fp32 (inference)", "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "pillow": PIL.__version__, "commit": git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
             "run": str(args.run), "model": run_meta, "split": args.split, "count": args.count, "seed": args.seed,
