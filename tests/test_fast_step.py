@@ -1,5 +1,4 @@
-"""The classic MLPs' autograd-free step and the direct fused update (fmnist.fast_step) compute what the plain
-step computes."""
+"""The classic MLPs' autograd-free step (fmnist.fast_step) computes what the plain step computes."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import torch
 
 from fmnist import data, training
 from fmnist.config import resolve_config
-from fmnist.fast_step import FusedUpdate, MLPStep
+from fmnist.fast_step import MLPStep
 
 CPU = torch.device("cpu")
 
@@ -80,56 +79,3 @@ def test_anything_else_takes_the_plain_step(overrides):
 
 def test_the_cnns_take_the_plain_step():
     assert training.build_loop(resolve_config("keras-cnn", {}), 300, None, CPU).fast is None
-
-
-def assert_same_training(first, second, losses, rtol=1e-4, atol=1e-5):
-    for (name, weight), other in zip(first.model.state_dict().items(), second.model.state_dict().values(),
-                                     strict=True):
-        torch.testing.assert_close(weight, other, rtol=rtol, atol=atol, msg=name)
-    assert max(abs(a - b) for a, b in losses) < 1e-5
-    first_state, second_state = first.optimizer.state_dict(), second.optimizer.state_dict()
-    assert first_state["param_groups"] == second_state["param_groups"]
-    assert first_state["state"].keys() == second_state["state"].keys()
-    for key, slots in second_state["state"].items():
-        assert first_state["state"][key].keys() == slots.keys()
-        for name, value in slots.items():
-            torch.testing.assert_close(first_state["state"][key][name], value, rtol=rtol, atol=1e-6)
-
-
-@pytest.mark.parametrize("preset,overrides", [
-    ("keras-cnn", {}),
-    ("fast", {"precision": "fp32", "flip": False, "translate": 0, "batch_size": 32}),
-    ("fast", {"precision": "bf16", "batch_size": 32}),
-])
-def test_the_fused_update_trains_the_same_weights_as_optimizer_step(preset, overrides):
-    """CNNs keep autograd's backward but update through the fused kernel directly: the same arithmetic as
-    `Optimizer.step` (Adam for the Keras CNN; SGD with Nesterov momentum, weight-decay groups and BN for `fast`)."""
-    config = resolve_config(preset, overrides)
-    direct = training.build_loop(config, 300, None, CPU)
-    plain = training.build_loop(config, 300, None, CPU)
-    plain.update = None
-    assert isinstance(direct.update, FusedUpdate) and direct.fast is None
-    losses = []
-    for step, (inputs, targets) in enumerate(batches() * 2):
-        lr = training.learning_rate(config, step, 20)
-        direct_loss, _ = training.train_step(direct, inputs, targets, lr)
-        plain_loss, _ = training.train_step(plain, inputs, targets, lr)
-        losses.append((float(direct_loss.detach()), float(plain_loss.detach())))
-    assert_same_training(direct, plain, losses)
-    initial = training.build_loop(config, 300, None, CPU).model.state_dict()
-    assert any(not torch.equal(value, initial[name]) for name, value in direct.model.state_dict().items())
-
-
-@pytest.mark.parametrize("overrides", [{"optimizer": "rmsprop"}, {"optimizer": "sgd"}])
-def test_the_fused_update_only_where_the_optimizer_is_fused(overrides):
-    loop = training.build_loop(resolve_config("keras-cnn", overrides), 300, None, CPU)
-    assert (loop.update is not None) == isinstance(loop.optimizer, (torch.optim.Adam, torch.optim.SGD))
-
-
-def test_a_parameter_without_gradient_falls_back_to_optimizer_step():
-    """`Optimizer.step` skips a parameter with no gradient (a frozen or unused one); the fused call cannot."""
-    loop = training.build_loop(resolve_config("keras-cnn", {}), 300, None, CPU)
-    for p in loop.model.parameters():
-        p.grad = torch.zeros_like(p)
-    next(loop.model.parameters()).grad = None
-    assert loop.update.step(0.001) is False

@@ -10,10 +10,6 @@ Weights agree with the plain step to float rounding (tests/test_fast_step.py).
 
 It applies only where it computes the same thing: fp32 on the CPU, one process, no dropout or augmentation, a
 fused Adam/AdamW/SGD; anything else (the CNNs, RMSprop, torchrun, bf16, a GPU) takes the plain step.
-
-`FusedUpdate`, the update half, also serves the plain step of every other model with such an optimiser on the
-CPU: after autograd's backward it calls the same fused kernel directly, without `Optimizer.step`'s Python (about
-6% of the Keras CNN's epoch).
 """
 
 from __future__ import annotations
@@ -66,34 +62,46 @@ def _merged_groups(optimizer: torch.optim.Optimizer, params: list[torch.Tensor])
     return list(merged.values())
 
 
-class FusedUpdate:
-    """The optimiser's fused kernel called directly on its own state: what `Optimizer.step` does for a fused
-    Adam/AdamW/SGD, without its Python around the kernel. `applies` says when it is exact."""
+class MLPStep:
+    """One optimiser step of an fmnist MLP on one batch, written out; `applies` says when it is exact."""
 
-    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer):
-        self.params = params
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, label_smoothing: float):
+        self.linears, activation = mlp_layers(model)
+        self.activate, self.activation_backward = _ACTIVATIONS[activation]
+        self.params = [p for layer in self.linears for p in (layer.weight, layer.bias)]
         self.optimizer = optimizer
-        self.groups = _merged_groups(optimizer, params)
+        self.groups = _merged_groups(optimizer, self.params)
+        # each class's target distribution: (1 - s) one-hot + s / C, as F.cross_entropy(label_smoothing=s) uses
+        self.targets = torch.eye(NUM_CLASSES) * (1 - label_smoothing) + label_smoothing / NUM_CLASSES
 
     @staticmethod
-    def applies(optimizer: torch.optim.Optimizer, device: torch.device, group) -> bool:
-        return device.type == "cpu" and group is None and _fused_optimizer(optimizer)
+    def applies(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str,
+                group, channels_last: bool, augments: bool) -> bool:
+        return (device.type == "cpu" and precision == "fp32" and group is None and not channels_last
+                and not augments and mlp_layers(model) is not None and _fused_optimizer(optimizer))
 
-    @classmethod
-    def of(cls, optimizer: torch.optim.Optimizer) -> FusedUpdate:
-        """For every parameter the optimiser holds."""
-        return cls([p for group in optimizer.param_groups for p in group["params"]], optimizer)
+    @torch.no_grad()  # no autograd graph: the gradients are written out below
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) like `training.train_step`; the weights and optimiser state are updated in place."""
+        count = len(targets)
+        activations = [inputs.reshape(count, -1)]
+        for layer in self.linears[:-1]:
+            activations.append(self.activate(torch.addmm(layer.bias, activations[-1], layer.weight.t())))
+        last = self.linears[-1]
+        logits = torch.addmm(last.bias, activations[-1], last.weight.t())
+        log_probs = torch.log_softmax(logits, 1)
+        wanted = self.targets[targets]
+        loss = torch.vdot(wanted.view(-1), log_probs.view(-1)).div_(-count)
+        grad = log_probs.exp_().sub_(wanted).div_(count)  # d loss / d logits: softmax - target, per image
+        grads: list[torch.Tensor] = [grad] * len(self.params)
+        for index in range(len(self.linears) - 1, -1, -1):
+            grads[2 * index], grads[2 * index + 1] = grad.t().mm(activations[index]), grad.sum(0)
+            if index:
+                grad = self.activation_backward(grad.mm(self.linears[index].weight), activations[index])
+        self._update(grads, lr)
+        return loss, logits
 
-    def step(self, lr: float) -> bool:
-        """Update from the parameters' `.grad` after a backward pass; False (nothing done) when a parameter has
-        no gradient, which `Optimizer.step` skips and the fused call cannot."""
-        grads = [p.grad for p in self.params]
-        if any(grad is None for grad in grads):
-            return False
-        self(grads, lr)
-        return True
-
-    def __call__(self, grads: list[torch.Tensor], lr: float) -> None:
+    def _update(self, grads: list[torch.Tensor], lr: float) -> None:
         """The fused kernel of this optimiser per parameter group, with its state initialised as torch does."""
         state = self.optimizer.state
         for group in self.optimizer.param_groups:
@@ -126,43 +134,4 @@ class FusedUpdate:
                           maximize=False, is_first_step=first)
         for p, buffer in zip(params, buffers, strict=False):
             state[p]["momentum_buffer"] = buffer
-
-
-class MLPStep:
-    """One optimiser step of an fmnist MLP on one batch, written out; `applies` says when it is exact."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, label_smoothing: float):
-        self.linears, activation = mlp_layers(model)
-        self.activate, self.activation_backward = _ACTIVATIONS[activation]
-        self.params = [p for layer in self.linears for p in (layer.weight, layer.bias)]
-        self.update = FusedUpdate(self.params, optimizer)
-        # each class's target distribution: (1 - s) one-hot + s / C, as F.cross_entropy(label_smoothing=s) uses
-        self.targets = torch.eye(NUM_CLASSES) * (1 - label_smoothing) + label_smoothing / NUM_CLASSES
-
-    @staticmethod
-    def applies(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str,
-                group, channels_last: bool, augments: bool) -> bool:
-        return (precision == "fp32" and not channels_last and not augments and mlp_layers(model) is not None
-                and FusedUpdate.applies(optimizer, device, group))
-
-    @torch.no_grad()  # no autograd graph: the gradients are written out below
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logits) like `training.train_step`; the weights and optimiser state are updated in place."""
-        count = len(targets)
-        activations = [inputs.reshape(count, -1)]
-        for layer in self.linears[:-1]:
-            activations.append(self.activate(torch.addmm(layer.bias, activations[-1], layer.weight.t())))
-        last = self.linears[-1]
-        logits = torch.addmm(last.bias, activations[-1], last.weight.t())
-        log_probs = torch.log_softmax(logits, 1)
-        wanted = self.targets[targets]
-        loss = torch.vdot(wanted.view(-1), log_probs.view(-1)).div_(-count)
-        grad = log_probs.exp_().sub_(wanted).div_(count)  # d loss / d logits: softmax - target, per image
-        grads: list[torch.Tensor] = [grad] * len(self.params)
-        for index in range(len(self.linears) - 1, -1, -1):
-            grads[2 * index], grads[2 * index + 1] = grad.t().mm(activations[index]), grad.sum(0)
-            if index:
-                grad = self.activation_backward(grad.mm(self.linears[index].weight), activations[index])
-        self.update(grads, lr)
-        return loss, logits
 

@@ -29,7 +29,7 @@ from torch import nn
 from fmnist import checkpoint, data, devices, distributed, evaluate, events, hardware, model_card
 from fmnist.config import DEFAULT_PRESET, PRESETS, TrainConfig, preset_expectations, resolve_config
 from fmnist.errors import ConfigError
-from fmnist.fast_step import FusedUpdate, MLPStep
+from fmnist.fast_step import MLPStep
 from fmnist.models import (
     CUSTOM,
     check_network,
@@ -244,7 +244,6 @@ class Loop:
     steps_per_epoch: int
     fill: float  # a black pixel after normalisation: what shifts and erasing fill with
     fast: MLPStep | None = None  # the autograd-free step of the classic MLPs, where it computes the same thing
-    update: FusedUpdate | None = None  # the optimiser's fused kernel without Optimizer.step's Python, where exact
 
     @property
     def total_steps(self) -> int:
@@ -273,8 +272,6 @@ def build_loop(config: TrainConfig, train_size: int, group, device: torch.device
     augments = bool(config.flip or config.translate or config.erase)
     if MLPStep.applies(model, optimizer, device, precision, group, config.channels_last, augments):
         loop.fast = MLPStep(model, optimizer, config.label_smoothing)
-    elif FusedUpdate.applies(optimizer, device, group):
-        loop.update = FusedUpdate.of(optimizer)
     return loop
 
 
@@ -292,8 +289,7 @@ def train_step(loop: Loop, inputs: torch.Tensor, targets: torch.Tensor, lr: floa
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
     loop.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if loop.update is None or not loop.update.step(lr):
-        loop.optimizer.step()
+    loop.optimizer.step()
     return loss, logits
 
 
