@@ -10,21 +10,40 @@ from torch import nn
 from fmnist.models import ConvNet, KerasCNN, count_parameters
 
 
-def test_keras_cnn_pools_before_relu_with_identical_outputs_and_gradients():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_keras_cnn_computes_exactly_the_keras_layer_order_on_the_full_image(channels_last):
+    """Pooling before ReLU, and reading only the 26x26 pixels that reach the output: the same outputs and
+    gradients as Keras' Conv-ReLU-Pool order run on all 28x28 pixels."""
     torch.manual_seed(0)
     ours = KerasCNN()
-    keras_order = KerasCNN()
-    keras_order.features = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-                                         nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2))
-    keras_order.load_state_dict(ours.state_dict())  # same parameter names: old run folders still load
+    keras_order = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+                                nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+                                nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10))
+    for theirs, mine in zip(keras_order.parameters(), ours.parameters(), strict=True):
+        theirs.data.copy_(mine.data)
     x = torch.rand(16, 1, 28, 28) - 0.3  # negative values too, so ReLU matters
     y = torch.randint(0, 10, (16,))
+    if channels_last:
+        ours, keras_order = (model.to(memory_format=torch.channels_last) for model in (ours, keras_order))
+    assert keras_order[:4](x).shape[-2:] == (11, 11)  # conv 2's output before pool 2 drops a row and column
     for model in (ours, keras_order):
         F.cross_entropy(model(x), y).backward()
     assert torch.equal(ours(x), keras_order(x))
     for a, b in zip(ours.parameters(), keras_order.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
     assert count_parameters(ours) == 225_034  # Keras' model.summary() for this network
+
+
+def test_keras_cnn_ignores_the_last_two_rows_and_columns():
+    torch.manual_seed(0)
+    model = KerasCNN().eval()
+    x = torch.rand(4, 1, 28, 28)
+    changed = x.clone()
+    changed[..., 26:, :] = 1.0
+    changed[..., :, 26:] = 1.0
+    assert torch.equal(model(x), model(changed))
+    changed[..., 25, 0] += 1.0  # the last pixel row that counts
+    assert not torch.equal(model(x), model(changed))
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -66,7 +66,13 @@ class KerasCNN(nn.Module):
     Keras applies ReLU in the conv layer and pools after it; max-pooling first and ReLU second computes exactly the
     same function and gradients (both are monotonic), on a quarter of the values: ReLU and its backward pass were
     a fifth of this network's training step on CPU.
+
+    Pool 2 floors conv 2's 11x11 output to 5x5, so conv 2's last row and column, and everything that feeds only
+    them, are never used: only the top-left 26x26 pixels reach the output (26 -> conv 24 -> pool 12 -> conv 10 ->
+    pool 5). The forward pass reads just those, computing the same outputs and gradients with 15% less work.
     """
+
+    USED_INPUT = 26  # pixels per side that reach the output (see above)
 
     def __init__(self, dropout: float = 0.0):
         super().__init__()
@@ -79,7 +85,7 @@ class KerasCNN(nn.Module):
         _keras_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.features(x[..., :self.USED_INPUT, :self.USED_INPUT]))
 
 
 def _conv_bn(in_channels: int, out_channels: int, relu: bool = True) -> nn.Sequential:
