@@ -61,6 +61,14 @@ def test_the_fast_step_trains_the_same_weights_as_the_plain_step(preset, overrid
             torch.testing.assert_close(fast_state["state"][key][name], value, rtol=1e-4, atol=1e-6)
 
 
+def test_plain_sgd_is_applied_inside_the_backward_matrix_products_only_when_it_has_no_state():
+    """Géron's plain SGD takes the in-place update (its weights are checked against the plain step above);
+    momentum or weight decay keep the fused optimiser kernel."""
+    assert training.build_loop(resolve_config("classic-sgd", {}), 300, None, CPU).fast.plain_sgd
+    for overrides in ({"momentum": 0.9}, {"weight_decay": 5e-4}, {"optimizer": "adam"}):
+        assert not training.build_loop(resolve_config("classic-sgd", overrides), 300, None, CPU).fast.plain_sgd
+
+
 def test_the_weights_really_change():
     """The comparison above would pass for two steps that did nothing: they did not."""
     fast, _, _ = trained_pair("classic-adam")

@@ -71,6 +71,8 @@ class MLPStep:
         self.params = [p for layer in self.linears for p in (layer.weight, layer.bias)]
         self.optimizer = optimizer
         self.groups = _merged_groups(optimizer, self.params)
+        self.plain_sgd = type(optimizer) is torch.optim.SGD and all(
+            not group["momentum"] and not group["weight_decay"] for group in optimizer.param_groups)
         # each class's target distribution: (1 - s) one-hot + s / C, as F.cross_entropy(label_smoothing=s) uses
         self.targets = torch.eye(NUM_CLASSES) * (1 - label_smoothing) + label_smoothing / NUM_CLASSES
 
@@ -93,6 +95,9 @@ class MLPStep:
         wanted = self.targets[targets]
         loss = torch.vdot(wanted.view(-1), log_probs.view(-1)).div_(-count)
         grad = log_probs.exp_().sub_(wanted).div_(count)  # d loss / d logits: softmax - target, per image
+        if self.plain_sgd:
+            self._backward_and_sgd(grad, activations, lr)
+            return loss, logits
         grads: list[torch.Tensor] = [grad] * len(self.params)
         for index in range(len(self.linears) - 1, -1, -1):
             grads[2 * index], grads[2 * index + 1] = grad.t().mm(activations[index]), grad.sum(0)
@@ -100,6 +105,19 @@ class MLPStep:
                 grad = self.activation_backward(grad.mm(self.linears[index].weight), activations[index])
         self._update(grads, lr)
         return loss, logits
+
+    def _backward_and_sgd(self, grad: torch.Tensor, activations: list[torch.Tensor], lr: float) -> None:
+        """Plain SGD (no momentum, no weight decay) inside the backward pass: `W -= lr * grad.T @ input` is one
+        in-place matrix product, so no weight gradient is written and read back (a tenth of Géron's step). Each
+        layer's weights change only after the gradient for the layer below has used them."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for index in range(len(self.linears) - 1, -1, -1):
+            layer, upstream = self.linears[index], grad
+            if index:
+                grad = self.activation_backward(grad.mm(layer.weight), activations[index])
+            layer.weight.addmm_(upstream.t(), activations[index], alpha=-lr)
+            layer.bias.sub_(upstream.sum(0), alpha=lr)
 
     def _update(self, grads: list[torch.Tensor], lr: float) -> None:
         """The fused kernel of this optimiser per parameter group, with its state initialised as torch does."""
