@@ -297,7 +297,7 @@ def _batch(loop: Loop, tensors: Tensors, index: torch.Tensor) -> tuple[torch.Ten
     """The (augmented) inputs and targets of one global batch, this rank's share of them."""
     config = loop.config
     index = index.to(loop.device)  # drawn on the CPU generator: the same batches on every device
-    inputs, targets = tensors.x_train[index], tensors.y_train[index]
+    inputs, targets = tensors.x_train.index_select(0, index), tensors.y_train.index_select(0, index)  # half x[i]'s cost
     if config.flip or config.translate or config.erase:  # the whole global batch on every rank: generators in step
         inputs = data.augment_batch(inputs, loop.generator, config.flip, config.translate, config.erase, loop.fill)
     return distributed.shard(loop.group, inputs, targets)
