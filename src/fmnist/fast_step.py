@@ -95,6 +95,8 @@ class MLPStep:
         wanted = self.targets[targets]
         loss = torch.vdot(wanted.view(-1), log_probs.view(-1)).div_(-count)
         grad = log_probs.exp_().sub_(wanted).div_(count)  # d loss / d logits: softmax - target, per image
+        for group in self.optimizer.param_groups:  # as Optimizer.step would find it
+            group["lr"] = lr
         if self.plain_sgd:
             self._backward_and_sgd(grad, activations, lr)
             return loss, logits
@@ -110,8 +112,6 @@ class MLPStep:
         """Plain SGD (no momentum, no weight decay) inside the backward pass: `W -= lr * grad.T @ input` is one
         in-place matrix product, so no weight gradient is written and read back (a tenth of Géron's step). Each
         layer's weights change only after the gradient for the layer below has used them."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         for index in range(len(self.linears) - 1, -1, -1):
             layer, upstream = self.linears[index], grad
             if index:
@@ -122,8 +122,6 @@ class MLPStep:
     def _update(self, grads: list[torch.Tensor], lr: float) -> None:
         """The fused kernel of this optimiser per parameter group, with its state initialised as torch does."""
         state = self.optimizer.state
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         for group, slots in self.groups:
             params, group_grads = [self.params[i] for i in slots], [grads[i] for i in slots]
             if isinstance(self.optimizer, torch.optim.SGD):
